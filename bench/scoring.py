@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Scoring benchmark: `odsd score` against a plain loop and the machine's limits, in one run.
+
+    python bench/scoring.py --pool ../shared/data/openworld --teacher runs/cifar10/teacher.safetensors
+
+Measures, on the same tars, teacher and batch size:
+  1. decode-only images/s (the project's decoder, one process per core)   -- a machine limit
+  2. teacher-forward-only images/s on pre-decoded tensors (all cores)     -- a machine limit
+  3. a plain single-process loop: webdataset + torch DataLoader (2 workers) + teacher
+  4. `odsd score` on all shards (fresh output), and on 2 shards, with the peak RSS of the driver
+     and of every Ray process, to show memory does not grow with the number of shards.
+Prints a table and writes JSON (default bench/results/scoring.json).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rss import run_measured  # noqa: E402
+
+from odsd_dist.models import load_model, normalize  # noqa: E402
+from odsd_dist.shards.decode import Damaged, decode_image, pick_image  # noqa: E402
+from odsd_dist.shards.tario import iter_samples  # noqa: E402
+
+
+def _decode_shard(args) -> tuple[int, int]:
+    path, size, channels = args
+    ok = bad = 0
+    for s in iter_samples(path):
+        picked = pick_image(s)
+        try:
+            if picked is None:
+                raise Damaged("no_image", "")
+            decode_image(picked[1], picked[0], size, channels)
+            ok += 1
+        except Damaged:
+            bad += 1
+    return ok, bad
+
+
+def decode_only(shards: list[str], size: int, channels: int, procs: int) -> dict:
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(procs) as pool:
+        res = pool.map(_decode_shard, [(s, size, channels) for s in shards], chunksize=1)
+    dt = time.perf_counter() - t0
+    ok = sum(r[0] for r in res)
+    return {"images": ok, "damaged": sum(r[1] for r in res), "seconds": dt, "images_per_s": ok / dt, "processes": procs}
+
+
+def forward_only(teacher: str, shards: list[str], batch: int, threads: int, images: int) -> dict:
+    torch.set_num_threads(threads)
+    model, meta = load_model(teacher)
+    model.eval()
+    size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
+    xs = []
+    for path in shards:
+        for s in iter_samples(path):
+            picked = pick_image(s)
+            if picked is None:
+                continue
+            try:
+                xs.append(decode_image(picked[1], picked[0], size, channels))
+            except Damaged:
+                continue
+            if len(xs) >= images:
+                break
+        if len(xs) >= images:
+            break
+    arr = np.stack(xs)
+    with torch.no_grad():
+        model.classify(model.forward_features(normalize(torch.from_numpy(arr[:batch]), meta)))  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(arr) - batch + 1, batch):
+            x = normalize(torch.from_numpy(arr[i:i + batch]), meta)
+            f = model.forward_features(x)
+            z = model.classify(f)
+            torch.softmax(z, 1).max(1)
+        dt = time.perf_counter() - t0
+    n = (len(arr) // batch) * batch
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "threads": threads}
+
+
+class _WdsDecode:
+    def __init__(self, size, channels):
+        self.size, self.channels = size, channels
+
+    def __call__(self, sample):
+        picked = pick_image(sample)
+        if picked is None:
+            return None
+        try:
+            return torch.from_numpy(decode_image(picked[1], picked[0], self.size, self.channels))
+        except Damaged:
+            return None
+
+
+def plain_loop(teacher: str, shards: list[str], batch: int, workers: int, threads: int) -> dict:
+    """webdataset + torch DataLoader(workers) + teacher in one process: what a user would write."""
+    import webdataset as wds
+
+    torch.set_num_threads(threads)
+    model, meta = load_model(teacher)
+    model.eval()
+    size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
+    ds = (wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, empty_check=False, handler=wds.warn_and_continue)
+          .map(_WdsDecode(size, channels)).select(lambda x: x is not None).batched(batch, partial=True))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    n = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x in loader:
+            f = model.forward_features(normalize(x, meta))
+            z = model.classify(f)
+            torch.softmax(z, 1).max(1)
+            n += len(x)
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "workers": workers, "threads": threads}
+
+
+def odsd_score(teacher: str, shards: list[str], batch: int, actors: int, extra: list[str]) -> dict:
+    out = tempfile.mkdtemp(prefix="odsd-bench-score-")
+    shard_dir = Path(out) / "in"
+    shard_dir.mkdir()
+    for s in shards:  # link the chosen shards into one folder so the config lists them
+        os.symlink(os.path.abspath(s), shard_dir / Path(s).name)
+    cmd = [sys.executable, "-m", "odsd_dist.cli", "score", "--set", f"teacher.weights={os.path.abspath(teacher)}",
+           "--set", f"score.shards=[{shard_dir}]", "--set", f"out={out}", "--set", f"score.batch_size={batch}",
+           "--set", f"score.actors={actors}", "--set", "ray.num_cpus=2", *extra]
+    rc, wall, rss, text = run_measured(cmd)
+    if rc != 0:
+        print(text[-4000:], file=sys.stderr)
+        raise SystemExit(f"odsd score failed with exit code {rc}")
+    done = json.loads((Path(out) / "score" / "done.json").read_text())["summary"]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"shards": len(shards), "rows": done["rows"], "quarantined": done["quarantined"],
+            "command_seconds": wall, "stage_seconds": done["seconds"],
+            "pipeline_seconds": done.get("pipeline_seconds", done["seconds"]),
+            "images_per_s": (done["rows"] + done["quarantined"]) / done.get("pipeline_seconds", done["seconds"]),
+            "peak_rss_mb": rss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pool", required=True, help="folder of pool .tar shards")
+    ap.add_argument("--teacher", required=True, help="teacher safetensors")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--actors", type=int, default=1)
+    ap.add_argument("--forward-images", type=int, default=20000)
+    ap.add_argument("--json", default="bench/results/scoring.json")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for odsd score")
+    args = ap.parse_args()
+    shards = sorted(glob.glob(os.path.join(args.pool, "*.tar")))
+    if not shards:
+        raise SystemExit(f"--pool: no .tar files in {args.pool}")
+    cores = os.cpu_count() or 1
+    _, meta = load_model(args.teacher)
+    size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
+    extra = sum((["--set", e] for e in args.extra), [])
+    res = {"machine": {"cores": cores, "python": platform.python_version(), "torch": torch.__version__,
+                       "cpu": platform.processor() or platform.machine()},
+           "pool": args.pool, "shards": len(shards), "batch": args.batch, "teacher_arch": meta["arch"]}
+    print(f"[1/5] decode only ({cores} processes)", file=sys.stderr)
+    res["decode_only"] = decode_only(shards, size, channels, cores)
+    print("[2/5] teacher forward only", file=sys.stderr)
+    res["forward_only"] = forward_only(args.teacher, shards, args.batch, cores, args.forward_images)
+    print("[3/5] plain loop (webdataset + DataLoader, 2 workers)", file=sys.stderr)
+    res["plain_loop"] = plain_loop(args.teacher, shards, args.batch, 2, cores)
+    print("[4/5] odsd score, 2 shards", file=sys.stderr)
+    res["odsd_score_2"] = odsd_score(args.teacher, shards[:2], args.batch, args.actors, extra)
+    print(f"[5/5] odsd score, {len(shards)} shards", file=sys.stderr)
+    res["odsd_score_all"] = odsd_score(args.teacher, shards, args.batch, args.actors, extra)
+    lower = min(res["decode_only"]["images_per_s"], res["forward_only"]["images_per_s"])
+    pipe = res["odsd_score_all"]["images_per_s"]
+    res["ratios"] = {"pipeline_vs_lower_limit": pipe / lower, "pipeline_vs_plain_loop": pipe / res["plain_loop"]["images_per_s"]}
+    r2, r32 = res["odsd_score_2"]["peak_rss_mb"], res["odsd_score_all"]["peak_rss_mb"]
+    res["rss_growth"] = {role: r32[role]["max_mb"] / r2[role]["max_mb"] for role in r2 if role in r32}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    rows = [("decode only (limit)", res["decode_only"]["images_per_s"]),
+            ("teacher forward only (limit)", res["forward_only"]["images_per_s"]),
+            ("plain loop: wds + DataLoader(2)", res["plain_loop"]["images_per_s"]),
+            (f"odsd score, 2 shards", res["odsd_score_2"]["images_per_s"]),
+            (f"odsd score, {len(shards)} shards", pipe)]
+    print(f"\n{'what':<36}{'images/s':>12}")
+    for name, v in rows:
+        print(f"{name:<36}{v:>12,.0f}")
+    print(f"\npipeline / lower limit = {res['ratios']['pipeline_vs_lower_limit']:.2f} (target >= 0.8)")
+    print(f"pipeline / plain loop  = {res['ratios']['pipeline_vs_plain_loop']:.2f} (target >= 1.0)")
+    print(f"\n{'peak RSS (MB)':<20}{'2 shards':>10}{f'{len(shards)} shards':>12}{'ratio':>8}")
+    for role in sorted(set(r2) | set(r32)):
+        a = r2.get(role, {}).get("max_mb", float("nan"))
+        b = r32.get(role, {}).get("max_mb", float("nan"))
+        print(f"{role:<20}{a:>10.0f}{b:>12.0f}{b / a:>8.2f}")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

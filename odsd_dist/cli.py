@@ -1,0 +1,167 @@
+"""The `odsd` command line: parse arguments, load and validate the config, call one stage.
+
+Errors a user can fix (bad config key, missing path, malformed table) print one message and exit 2,
+before any Ray work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+EPILOG = """examples:
+  odsd run                                  # the demo, end to end, on the embedded config
+  odsd score --config my.yaml --set score.actors=4
+  odsd sample --config my.yaml --set sample.n=30000
+  odsd shards verify shards/demo/pool/*.tar --json
+  odsd teacher train --config my.yaml
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (default: the embedded demo config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set score.batch_size=128 (repeatable)")
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print_summary(summary: dict, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=1, sort_keys=True, default=str))
+
+
+def cmd_score(args):
+    from .score import run_score
+
+    return run_score(_config(args))
+
+
+def cmd_sample(args):
+    from .sample import run_sample
+
+    return run_sample(_config(args))
+
+
+def cmd_distill(args):
+    from .distill import run_distill
+
+    return run_distill(_config(args))
+
+
+def cmd_eval(args):
+    from .evaluate import run_eval
+
+    return run_eval(_config(args), weights=args.weights)
+
+
+def cmd_run(args):
+    from .pipeline import run_all
+
+    return run_all(_config(args))
+
+
+def cmd_teacher_train(args):
+    from .teacher import train_teacher
+
+    return train_teacher(_config(args))
+
+
+def cmd_shards_verify(args):
+    from .shards.verify import print_report, verify_shards
+
+    report = verify_shards(args.paths)
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+    else:
+        print_report(report)
+    return None
+
+
+def cmd_shards_build(args):
+    from .shards.build import build_cli
+
+    return build_cli(args)
+
+
+def cmd_report_sampling(args):
+    from .report.sampling import report_cli
+
+    return report_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="odsd",
+        description="odsd-dist: distil a small student from a trained teacher with open-world images "
+        "(score -> sample -> distill -> eval), on Ray Data, Ray Train and DeepSpeed.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def stage(name, func, help_):
+        p = sub.add_parser(name, help=help_, description=help_)
+        _add_config_args(p)
+        p.set_defaults(func=func)
+        return p
+
+    stage("score", cmd_score, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables")
+    stage("sample", cmd_sample, "select N pool images from the score table (APS or a baseline); writes selection.parquet")
+    stage("distill", cmd_distill, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors")
+    p = stage("eval", cmd_eval, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json")
+    p.add_argument("--weights", help="model to evaluate (default: the distilled student)")
+    stage("run", cmd_run, "score, sample, distill and eval, chained, skipping finished stages")
+
+    teacher = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_cmd", metavar="ACTION")
+    teacher.required = True
+    p = teacher.add_parser("train", help="train a teacher on labelled shards (config section teacher_train)",
+                           description="train a teacher on labelled shards; writes teacher.weights (safetensors)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_teacher_train)
+
+    shards = sub.add_parser("shards", help="verify or build WebDataset shards").add_subparsers(dest="shards_cmd", metavar="ACTION")
+    shards.required = True
+    p = shards.add_parser("verify", help="count samples, members and damaged entries by reason")
+    p.add_argument("paths", nargs="+", help="shard .tar files or folders")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_shards_verify)
+    p = shards.add_parser("build", help="write img2dataset-style shards from an image folder or numpy arrays")
+    from .shards.build import add_build_args
+
+    add_build_args(p)
+    p.set_defaults(func=cmd_shards_build)
+
+    report = sub.add_parser("report", help="HTML reports").add_subparsers(dest="report_cmd", metavar="KIND")
+    report.required = True
+    p = report.add_parser("sampling", help="self-contained HTML page with PNG plots of a selection")
+    from .report.sampling import add_report_args
+
+    add_report_args(p)
+    p.set_defaults(func=cmd_report_sampling)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"odsd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("odsd: interrupted; finished units are kept, rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Typed configuration: one pydantic model per stage, loaded from YAML with safe_load.
+
+Every section rejects unknown keys, so a typo is an error that names the key. `--set a.b=c` overrides
+are applied before validation. Stage sections own their defaults; `Config.stage_dir(stage)` says where
+each stage writes.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    address: Optional[str] = None  # None: start a local Ray; "auto" or ray://...: join a running cluster
+    num_cpus: Optional[int] = Field(None, ge=1)
+    namespace: str = "odsd"
+    include_dashboard: bool = False
+
+
+class TeacherConfig(Section):
+    weights: str = "runs/teacher/teacher.safetensors"  # safetensors file made by `odsd teacher train`
+
+
+class TeacherTrainConfig(Section):
+    shards: list[str] = Field(default_factory=list)  # labelled shards (tar paths or globs)
+    val_shards: list[str] = Field(default_factory=list)  # optional: accuracy printed after every epoch
+    arch: str = "resnet20"
+    input_size: int = Field(32, ge=8)
+    channels: Literal[1, 3] = 3
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    threads: Optional[int] = Field(None, ge=1)
+    out: Optional[str] = None  # default: <dir of teacher.weights>
+
+
+class ScoreConfig(Section):
+    shards: list[str] = Field(default_factory=list)  # pool shards (tar paths or globs)
+    batch_size: int = Field(256, ge=1)  # teacher batch
+    decode_batch_size: int = Field(256, ge=1)
+    actors: int = Field(1, ge=1)  # teacher-scoring actor pool size
+    actor_cpus: float = Field(1.0, gt=0)
+    decode_cpus: float = Field(0.5, gt=0)  # read+decode tasks; differs from actor_cpus so Ray does not fuse them into the actor
+    block_mb: float = Field(1.0, gt=0)  # Ray Data block size target: small blocks keep decode and scoring pipelined
+    num_gpus: float = Field(0.0, ge=0)  # per actor
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    topk: Optional[int] = Field(None, ge=1)  # default min(C, 10)
+    feature_dim: int = Field(256, ge=1)  # project features above this dimension
+    max_pixels: int = Field(50_000_000, ge=1)  # header-declared pixels above this are a decompression bomb
+    max_errored_blocks: int = Field(0, ge=-1)
+    out: Optional[str] = None
+
+
+class EvalConfig(Section):
+    shards: list[str] = Field(default_factory=list)  # labelled original-domain shards (test split)
+    batch_size: int = Field(256, ge=1)
+    out: Optional[str] = None
+
+
+class MetricsConfig(Section):
+    port: Optional[int] = Field(None, ge=0, le=65535)  # prometheus_client HTTP port in plain processes
+
+
+def _sample_config_cls():
+    from .sample.config import SampleConfig
+
+    return SampleConfig
+
+
+def _distill_config_cls():
+    from .distill.config import DistillConfig
+
+    return DistillConfig
+
+
+class Config(Section):
+    seed: int = 0
+    out: str = "runs/default"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teacher_train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    sample: Any = None
+    distill: Any = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @field_validator("sample", mode="before")
+    @classmethod
+    def _sample(cls, v):
+        klass = _sample_config_cls()
+        return v if isinstance(v, klass) else klass.model_validate(v or {})
+
+    @field_validator("distill", mode="before")
+    @classmethod
+    def _distill(cls, v):
+        klass = _distill_config_cls()
+        return v if isinstance(v, klass) else klass.model_validate(v or {})
+
+    def stage_dir(self, stage: str) -> Path:
+        """Output folder of a stage: its section's `out`, else <out>/<stage>."""
+        section = getattr(self, stage, None)
+        override = getattr(section, "out", None) if section is not None else None
+        return Path(override) if override else Path(self.out) / stage
+
+    def section_dict(self, stage: str) -> dict:
+        return getattr(self, stage).model_dump(mode="json")
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {dotted}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', yaml-typed c)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {key}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key, value
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-before[_sample()]",))
+        lines.append(f"config error: {loc or '<root>'}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_raw(path: Optional[str | os.PathLike]) -> dict:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: the top level must be a mapping")
+    return data
+
+
+def build_config(data: dict, overrides: list[str] = ()) -> Config:
+    data = copy.deepcopy(data)
+    for item in overrides or ():
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
+    """Load YAML (safe_load), apply `--set` overrides, validate. Raises UserError naming the key."""
+    return build_config(load_raw(path), overrides)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config (all defaults filled in) as YAML, atomically."""
+    from .tables import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def expand_paths(patterns: list[str], key: str, suffix: str = ".tar") -> list[str]:
+    """Expand globs/dirs into a sorted list of files; a pattern that matches nothing is a UserError naming `key`."""
+    import glob
+
+    out: list[str] = []
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            matches = sorted(str(x) for x in p.iterdir() if x.name.endswith(suffix))
+        else:
+            matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if p.is_file() else [])
+        if not matches:
+            raise UserError(f"{key}: no {suffix} files at {pat!r}")
+        out.extend(matches)
+    if not out:
+        raise UserError(f"{key}: no input paths given")
+    seen, unique = set(), []
+    for m in out:
+        a = os.path.abspath(m)
+        if a not in seen:
+            seen.add(a)
+            unique.append(a)
+    return unique

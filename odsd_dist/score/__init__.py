@@ -1,0 +1,177 @@
+"""`odsd score`: stream pool shards through teacher-scoring actors on Ray Data (METHODS.md §1.1).
+
+read_webdataset (bytes only) -> decode/resize in CPU tasks -> teacher actor pool -> per-shard
+Parquet (scores + quarantine) written atomically with a ledger, so reruns skip finished shards.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..config import Config, expand_paths
+from ..errors import UserError
+from ..stage import StageOutput, file_identity, fingerprint, sha256_file
+from ..tables import Ledger
+
+TABLE_KEYS = ("topk", "feature_dim", "max_pixels", "dtype")  # config keys that change table contents
+
+
+def _teacher_info(weights: str) -> dict:
+    from ..models import build_model, read_model_meta
+
+    if not Path(weights).is_file():
+        raise UserError(f"teacher.weights: file not found: {weights}")
+    meta = read_model_meta(weights)
+    model = build_model(meta["arch"], num_classes=int(meta["num_classes"]), in_chans=int(meta.get("in_chans", 3)))
+    return {"meta": meta, "feature_dim": int(model.feature_dim), "sha256": sha256_file(weights)}
+
+
+def plan(cfg: Config) -> dict:
+    """Validate paths and the teacher before any Ray work; return what the run needs."""
+    sc = cfg.score
+    shards = expand_paths(sc.shards, "score.shards")
+    names: dict[str, str] = {}
+    for p in shards:
+        stem = Path(p).stem
+        if stem in names:
+            raise UserError(f"score.shards: two input shards share the name {stem!r}: {names[stem]} and {p}")
+        names[stem] = p
+    teacher = _teacher_info(cfg.teacher.weights)
+    c = int(teacher["meta"]["num_classes"])
+    topk = min(c, sc.topk or 10)
+    return {"shards": names, "teacher": teacher, "topk": topk,
+            "out_dim": min(teacher["feature_dim"], sc.feature_dim)}
+
+
+def _summary_line(label: str, value) -> str:
+    return f"  {label:<22} {value}"
+
+
+def print_summary(s: dict) -> None:
+    lines = ["", "odsd score — summary", _summary_line("output", s["out"]),
+             _summary_line("shards", f"{s['shards']} ({s['shards_scored_now']} scored now, {s['shards_skipped']} already done)"),
+             _summary_line("score rows", f"{s['rows']:,}"),
+             _summary_line("quarantined", f"{s['quarantined']:,} " + (str(s["reasons"]) if s["reasons"] else "")),
+             _summary_line("wall time", f"{s['seconds']:.1f} s"),
+             _summary_line("images/s (this run)", f"{s['images_per_s']:.0f}")]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def run_score(cfg: Config) -> dict:
+    """Score every pool shard not yet in the ledger; write done.json when all are finished."""
+    p = plan(cfg)
+    sc = cfg.score
+    folder = cfg.stage_dir("score")
+    teacher = p["teacher"]
+    identities = {name: file_identity(path) for name, path in p["shards"].items()}
+    table_cfg = {k: getattr(sc, k) for k in TABLE_KEYS}
+    stage = StageOutput(folder, "score", table_cfg, {"teacher_sha256": teacher["sha256"], "shards": identities})
+    rec = stage.done()
+    if rec:
+        print(f"odsd score: {folder} is already complete for these inputs; nothing to do", file=sys.stderr)
+        return {**rec["summary"], "shards_scored_now": 0, "shards_skipped": len(identities)}
+    stage.start(cfg.to_dict())
+    ledger = Ledger(folder / "ledger", fingerprint({"table": table_cfg, "teacher": teacher["sha256"], "seed": cfg.seed}))
+
+    def finished(name: str) -> bool:
+        rec = ledger.get(name)
+        return bool(rec) and rec.get("input") == identities[name]
+
+    todo = [name for name in p["shards"] if not finished(name)]
+    for name in todo:  # never leave a stale table of an unfinished shard behind
+        for sub in ("scores", "quarantine"):
+            (folder / sub / f"{name}.parquet").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    scored_rows, pipeline_seconds = 0, 0.0
+    if todo:
+        scored_rows, pipeline_seconds = _score_shards(cfg, p, [p["shards"][n] for n in todo], folder, ledger, identities)
+    seconds = time.perf_counter() - t0
+    rows = quarantined = 0
+    reasons: dict[str, int] = {}
+    for name in p["shards"]:
+        r = ledger.get(name)
+        if not r or r.get("input") != identities[name]:
+            raise RuntimeError(f"shard {name} did not finish; rerun `odsd score` to resume")
+        rows += r["rows"]
+        quarantined += r["quarantined"]
+        for k, v in r["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    summary = {
+        "out": str(folder), "shards": len(p["shards"]), "shards_scored_now": len(todo),
+        "shards_skipped": len(p["shards"]) - len(todo), "rows": rows, "quarantined": quarantined,
+        "reasons": dict(sorted(reasons.items())), "seconds": seconds,
+        "images_per_s": scored_rows / seconds if seconds > 0 and scored_rows else 0.0,
+        "pipeline_seconds": pipeline_seconds,  # without starting Ray
+        "teacher_sha256": teacher["sha256"], "feature_dim": p["out_dim"],
+        "score_files": [f"scores/{n}.parquet" for n in p["shards"]],
+        "quarantine_files": [f"quarantine/{n}.parquet" for n in p["shards"]],
+    }
+    stage.finish(summary)
+    print_summary(summary)
+    return summary
+
+
+def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: Ledger, identities: dict) -> tuple[int, float]:
+    """Run the Ray Data pipeline over `paths` and write each shard as it completes.
+
+    Returns (entries read, seconds from the pipeline's start, i.e. without starting Ray)."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    from ..metrics import prom_metric, serve_metrics
+    from ..raytools import init_ray
+    from .decode import WDS_SUFFIXES, decode_rows
+    from .scorer import TeacherScorer
+    from .writer import ShardAssembler
+
+    sc = cfg.score
+    meta = p["teacher"]["meta"]
+    size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
+    init_ray(cfg.ray)
+    serve_metrics(cfg.metrics.port)
+    t0 = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shard i is complete when shard i+1 starts
+    ctx.max_errored_blocks = sc.max_errored_blocks
+    ctx.target_max_block_size = int(sc.block_mb * 2**20)
+    ds = ray.data.read_webdataset(paths, decoder=None, suffixes=WDS_SUFFIXES, override_num_blocks=len(paths),
+                                  num_cpus=sc.decode_cpus)
+    ds = ds.map_batches(decode_rows, batch_format="pandas", batch_size=sc.decode_batch_size,
+                        fn_kwargs={"size": size, "channels": channels, "max_pixels": sc.max_pixels},
+                        num_cpus=sc.decode_cpus)
+    ds = ds.map_batches(
+        TeacherScorer, batch_format="numpy", batch_size=sc.batch_size, compute=ray.data.ActorPoolStrategy(size=sc.actors),
+        num_cpus=sc.actor_cpus, num_gpus=sc.num_gpus or None,
+        fn_constructor_kwargs={"weights": os.path.abspath(cfg.teacher.weights), "device": sc.device, "dtype": sc.dtype,
+                               "topk": p["topk"], "feature_dim": sc.feature_dim, "seed": cfg.seed,
+                               "threads": max(1, int(sc.actor_cpus))},
+    )
+    projection = None
+    if p["teacher"]["feature_dim"] > sc.feature_dim:
+        projection = {"kind": "random_orthogonal", "seed": cfg.seed, "in_dim": p["teacher"]["feature_dim"], "out_dim": sc.feature_dim}
+    table_meta = {
+        "stage": "score", "config": cfg.score.model_dump(mode="json"), "teacher_sha256": p["teacher"]["sha256"],
+        "teacher_arch": meta["arch"], "num_classes": int(meta["num_classes"]), "class_names": meta.get("class_names"),
+        "feature_dim": p["out_dim"], "topk": p["topk"], "projection": projection, "seed": cfg.seed,
+    }
+    bar = tqdm(total=len(paths), desc="shards scored", unit="shard", file=sys.stderr)
+    shards_done = prom_metric("odsd_score_shards_done_total")
+
+    def on_done(name: str, info: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(rows=info["rows"], damaged=info["quarantined"])
+        shards_done.inc()
+
+    asm = ShardAssembler(folder, ledger, p["out_dim"], table_meta, identities, on_done)
+    n = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            n += batch.num_rows
+            asm.add(batch)
+        asm.close()
+    finally:
+        bar.close()
+    return n, time.perf_counter() - t0

@@ -1,0 +1,133 @@
+"""The teacher-scoring actor: one frozen teacher per actor, batches of decoded images in, score rows out.
+
+Used as a callable class in Ray Data `map_batches` (an actor pool). Every row that comes in goes out
+again — scored, or with its damage reason — so the driver can tell when a shard is complete.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..metrics import ray_metric
+from ..models import load_model, normalize
+from ..tables import score_schema
+
+OUT_EXTRA = [("reason", pa.string()), ("detail", pa.string())]
+
+
+def projection_matrix(in_dim: int, out_dim: int, seed: int) -> Optional[torch.Tensor]:
+    """Fixed seeded random orthogonal projection (out_dim x in_dim), or None when no projection is needed."""
+    if in_dim <= out_dim:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(in_dim, out_dim, generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)  # q: in_dim x out_dim, orthonormal columns
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.T.contiguous().float()
+
+
+def output_schema(feature_dim: int) -> pa.Schema:
+    s = score_schema(feature_dim)
+    for name, typ in OUT_EXTRA:
+        s = s.append(pa.field(name, typ))
+    return s
+
+
+@torch.no_grad()
+def score_logits_features(logits: torch.Tensor, feats: torch.Tensor, topk: int, proj: Optional[torch.Tensor]) -> dict:
+    """METHODS.md §1.1 columns from teacher logits and penultimate features (float32 math)."""
+    logits = logits.float()
+    c = logits.shape[1]
+    logp = torch.log_softmax(logits, dim=1)
+    p = logp.exp()
+    maxprob, pred = p.max(dim=1)
+    entropy = -(p * logp).sum(dim=1) / math.log(c) if c > 1 else torch.zeros_like(maxprob)
+    energy = -torch.logsumexp(logits, dim=1)
+    tv, ti = logits.topk(topk, dim=1)
+    f = torch.nn.functional.normalize(feats.float(), dim=1)
+    if proj is not None:
+        f = torch.nn.functional.normalize(f @ proj.T, dim=1)
+    return {
+        "pred": pred.int().numpy(),
+        "maxprob": maxprob.numpy().astype(np.float32),
+        "entropy": entropy.clamp(0, 1).numpy().astype(np.float32),
+        "energy": energy.numpy().astype(np.float32),
+        "topk_idx": ti.int().numpy(),
+        "topk_logit": tv.numpy().astype(np.float32),
+        "feature": f.numpy().astype(np.float16),
+    }
+
+
+class TeacherScorer:
+    """Callable class for `map_batches`: loads the teacher once, scores every batch it is given."""
+
+    def __init__(self, weights: str, device: str, dtype: str, topk: int, feature_dim: int, seed: int, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model, self.meta = load_model(weights, map_location="cpu")
+        self.model.eval().to(self.device)
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.topk = topk
+        self.proj = projection_matrix(self.model.feature_dim, feature_dim, seed)
+        self.out_dim = min(self.model.feature_dim, feature_dim)
+        self.schema = output_schema(self.out_dim)
+        self.m_read = ray_metric("odsd_score_images_read_total")
+        self.m_scored = ray_metric("odsd_score_images_scored_total")
+        self.m_damaged = ray_metric("odsd_score_images_damaged_total")
+        self.m_latency = ray_metric("odsd_score_batch_latency_seconds")
+
+    @torch.no_grad()
+    def _forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = normalize(torch.from_numpy(images), self.meta).to(self.device, non_blocking=True)
+        use_amp = self.dtype != torch.float32
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=use_amp):
+            f = self.model.forward_features(x)
+            z = self.model.classify(f)
+        return z.float().cpu(), f.float().cpu()
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n = len(batch["key"])
+        reason = np.asarray(batch["reason"], dtype=object)
+        ok = np.flatnonzero(reason == "")
+        k, d = self.topk, self.out_dim
+        cols = {
+            "pred": np.full(n, -1, np.int32),
+            "maxprob": np.zeros(n, np.float32),
+            "entropy": np.zeros(n, np.float32),
+            "energy": np.zeros(n, np.float32),
+            "topk_idx": np.zeros((n, k), np.int32),
+            "topk_logit": np.zeros((n, k), np.float32),
+            "feature": np.zeros((n, d), np.float16),
+        }
+        self.m_read.inc(n)
+        if len(ok):
+            t0 = time.perf_counter()
+            z, f = self._forward(batch["image"][ok])
+            out = score_logits_features(z, f, k, self.proj)
+            self.m_latency.observe(time.perf_counter() - t0)
+            for name, v in out.items():
+                cols[name][ok] = v
+            self.m_scored.inc(len(ok))
+        for r in set(reason[reason != ""]):
+            self.m_damaged.inc(int((reason == r).sum()), tags={"reason": r})
+        arrays = [
+            pa.array(batch["key"], pa.string()),
+            pa.array(batch["shard"], pa.string()),
+            pa.array(batch["url"], pa.string()),
+            pa.array(cols["pred"]),
+            pa.array(cols["maxprob"]),
+            pa.array(cols["entropy"]),
+            pa.array(cols["energy"]),
+            pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_idx"].ravel()), k).cast(pa.list_(pa.int32())),
+            pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_logit"].ravel()), k).cast(pa.list_(pa.float32())),
+            pa.FixedSizeListArray.from_arrays(pa.array(cols["feature"].ravel()), d),
+            pa.array(reason, pa.string()),
+            pa.array(batch["detail"], pa.string()),
+        ]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
