@@ -84,16 +84,27 @@ def cmd_shards_verify(args):
     return None
 
 
-def cmd_shards_build(args):
-    from .shards.build import build_cli
+def _forward(prog: str, description: str, rest: list[str], add_args, run):
+    """Sub-commands with many options of their own parse them lazily, so `odsd` starts fast."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(p)
+    return run(p.parse_args(rest))
 
-    return build_cli(args)
+
+def cmd_shards_build(args):
+    from .shards.build import add_build_args, build_cli
+
+    return _forward("odsd shards build", SHARDS_BUILD_HELP, args.rest, add_build_args, build_cli)
 
 
 def cmd_report_sampling(args):
-    from .report.sampling import report_cli
+    from .report.sampling import add_report_args, report_cli
 
-    return report_cli(args)
+    return _forward("odsd report sampling", REPORT_HELP, args.rest, add_report_args, report_cli)
+
+
+SHARDS_BUILD_HELP = "write img2dataset-style shards from an image folder or numpy arrays (--help for options)"
+REPORT_HELP = "self-contained HTML page with PNG plots of a selection (--help for options)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,25 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="shard .tar files or folders")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_shards_verify)
-    p = shards.add_parser("build", help="write img2dataset-style shards from an image folder or numpy arrays")
-    from .shards.build import add_build_args
-
-    add_build_args(p)
+    p = shards.add_parser("build", help=SHARDS_BUILD_HELP, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_shards_build)
 
     report = sub.add_parser("report", help="HTML reports").add_subparsers(dest="report_cmd", metavar="KIND")
     report.required = True
-    p = report.add_parser("sampling", help="self-contained HTML page with PNG plots of a selection")
-    from .report.sampling import add_report_args
-
-    add_report_args(p)
+    p = report.add_parser("sampling", help=REPORT_HELP, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_report_sampling)
     return ap
 
 
 def main(argv=None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args, unknown = ap.parse_known_args(argv)
+    if hasattr(args, "rest"):  # options of lazily parsed sub-commands
+        args.rest = unknown + args.rest
+    elif unknown:
+        ap.error("unrecognized arguments: " + " ".join(unknown))
     try:
         args.func(args)
     except UserError as e:

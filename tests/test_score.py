@@ -1,0 +1,160 @@
+"""`odsd score` on a real local Ray: counts, damage reasons, ledger, reruns, a killed actor, Ctrl-C + resume."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fixtures import make_pool_shards, make_teacher
+from odsd_dist.config import load_config
+from odsd_dist.tables import read_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read(folder: Path, sub: str) -> pa.Table:
+    files = sorted(glob.glob(str(folder / "score" / sub / "*.parquet")))
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("key")
+
+
+def _cli(*args, cwd=ROOT, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen([sys.executable, "-m", "odsd_dist.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _score_args(teacher, shards, out, *extra):
+    return ["score", "--set", f"teacher.weights={teacher}", "--set", f"score.shards=[{shards}]",
+            "--set", f"out={out}", "--set", "ray.num_cpus=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "t.safetensors", arch="resnet8")
+
+
+@pytest.fixture(scope="module")
+def big_pool(tmp_path_factory):
+    """Enough entries that a run lasts a while on 2 cores (for kill -9 and Ctrl-C mid-run)."""
+    return make_pool_shards(tmp_path_factory.mktemp("bigpool"), n_shards=8, per_shard=150, damage=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def slow_teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("slow") / "t.safetensors", arch="resnet56")
+
+
+def test_score_counts_reasons_and_rerun(pool_shards, teacher, tmp_path, ray_local):
+    from odsd_dist.score import run_score
+
+    cfg = load_config(None, [f"teacher.weights={teacher}", f"score.shards=[{pool_shards['folder']}]", f"out={tmp_path}"])
+    s = run_score(cfg)
+    assert s["rows"] == pool_shards["intact"]
+    assert s["reasons"] == pool_shards["damaged"]
+    scores, quarantine = _read(tmp_path, "scores"), _read(tmp_path, "quarantine")
+    assert sorted(scores.column("key").to_pylist()) == sorted(pool_shards["intact_keys"])
+    want = {k: r for r, keys in pool_shards["keys_by_reason"].items() for k in keys}
+    assert dict(zip(quarantine.column("key").to_pylist(), quarantine.column("reason").to_pylist())) == want
+    assert all(u.startswith("https://") for u in quarantine.column("url").to_pylist() + scores.column("url").to_pylist())
+    # METHODS.md §1.1 columns
+    assert scores.schema.field("feature").type.list_size == 64
+    assert set(scores.column("shard").to_pylist()) == {Path(p).stem for p in pool_shards["paths"]}
+    ent = scores.column("entropy").to_numpy()
+    assert ((ent >= 0) & (ent <= 1)).all()
+    assert all(len(v) == 10 for v in scores.column("topk_idx").to_pylist())
+    meta = read_meta(sorted(glob.glob(str(tmp_path / "score" / "scores" / "*.parquet")))[0])
+    assert meta["stage"] == "score" and len(meta["teacher_sha256"]) == 64 and meta["num_classes"] == 10
+    assert (tmp_path / "score" / "done.json").exists() and (tmp_path / "score" / "config.yaml").exists()
+    # a rerun after completion scores nothing
+    again = run_score(cfg)
+    assert again["shards_scored_now"] == 0 and again["rows"] == s["rows"]
+
+
+def test_bad_config_exits_2_before_ray(pool_shards, teacher, tmp_path):
+    cases = [
+        (["score", "--set", f"teacher.weights={teacher}", "--set", f"score.shards=[{tmp_path}/nope]"], "score.shards"),
+        (["score", "--set", "score.batchsize=3"], "score.batchsize"),
+        (["score", "--set", "score.batch_size=-1"], "score.batch_size"),
+        (["score", "--set", f"teacher.weights={tmp_path}/missing.safetensors",
+          "--set", f"score.shards=[{pool_shards['folder']}]"], "teacher.weights"),
+        (["score", "--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
+    ]
+    for args, named in cases:
+        p = _cli(*args, "--set", f"out={tmp_path}/out")
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 2, out
+        assert named in out, out
+        assert "Started a local Ray" not in out
+        assert not (tmp_path / "out" / "score" / "done.json").exists()
+
+
+def _wait_for(pred, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _ledger(out: Path) -> list[str]:
+    return sorted(glob.glob(str(out / "score" / "ledger" / "*.json")))
+
+
+def test_kill_scoring_actor_mid_run(big_pool, slow_teacher, tmp_path):
+    p = _cli(*_score_args(slow_teacher, big_pool["folder"], tmp_path, "--set", "score.batch_size=8"))
+
+    def actor():
+        for proc in psutil.Process(p.pid).children(recursive=True):
+            try:
+                if "TeacherScorer" in " ".join(proc.cmdline()):
+                    return proc
+            except psutil.Error:
+                pass
+        return None
+
+    victim = _wait_for(lambda: actor() if _ledger(tmp_path) else None, 240, "a scoring actor after the first shard")
+    assert len(_ledger(tmp_path)) < 8, "run finished before the kill"
+    os.kill(victim.pid, signal.SIGKILL)
+    out, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, out[-3000:]
+    scores = _read(tmp_path, "scores")
+    keys = scores.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == big_pool["intact"]
+    assert _read(tmp_path, "quarantine").num_rows == sum(big_pool["damaged"].values())
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted(big_pool, teacher, tmp_path, ray_local):
+    from odsd_dist.score import run_score
+
+    interrupted = tmp_path / "interrupted"
+    p = _cli(*_score_args(teacher, big_pool["folder"], interrupted, "--set", "score.batch_size=4"))
+    _wait_for(lambda: _ledger(interrupted), 240, "the first finished shard")
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0, "the run was expected to be interrupted"
+    finished = len(_ledger(interrupted))
+    assert 1 <= finished < 8
+    assert not (interrupted / "score" / "done.json").exists()
+    # resume in-process: only the unfinished shards are scored
+    cfg = load_config(None, [f"teacher.weights={teacher}", f"score.shards=[{big_pool['folder']}]", f"out={interrupted}",
+                             "score.batch_size=4"])
+    s = run_score(cfg)
+    assert s["shards_scored_now"] == 8 - finished
+    # the same tables as one uninterrupted run
+    clean = tmp_path / "clean"
+    run_score(load_config(None, [f"teacher.weights={teacher}", f"score.shards=[{big_pool['folder']}]", f"out={clean}",
+                                 "score.batch_size=4"]))
+    for sub in ("scores", "quarantine"):
+        a, b = _read(interrupted, sub), _read(clean, sub)
+        assert a.num_rows == b.num_rows and a.equals(b), sub
