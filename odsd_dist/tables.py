@@ -75,8 +75,19 @@ def read_meta(path: str | os.PathLike) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _tmp_path(path: Path) -> Path:
+    """A fresh temporary file beside `path`, with the permissions a plain open() would give."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     return Path(tmp)
 
