@@ -45,6 +45,21 @@ class TeacherTrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     threads: Optional[int] = Field(None, ge=1)
     out: Optional[str] = None  # default: <dir of teacher.weights>
+    # --- schedule and augmentation (teacher.py) ---
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    schedule: Literal["onecycle", "cosine"] = "onecycle"  # onecycle: warm up from lr/25; cosine: from 0
+    warmup_frac: float = Field(0.15, ge=0, lt=1)  # fraction of all steps spent warming up
+    augment: Literal["crop_flip", "crop", "flip", "none"] = "crop_flip"  # vectorised on uint8 batches
+    crop_padding: int = Field(4, ge=0)
+    mean: Optional[list[float]] = None  # default: per-channel mean of the training images
+    std: Optional[list[float]] = None  # default: per-channel std of the training images
+    channels_last: bool = True
+    eval_batch_size: int = Field(512, ge=1)
+    val_every: int = Field(1, ge=1)  # epochs between val accuracy reports (the last epoch always)
+    max_train_samples: Optional[int] = Field(None, ge=1)  # a seeded subset, for quick trials
+    resume: bool = True  # continue from <out>/teacher_checkpoint.safetensors if its config matches
+    progress: bool = True
 
 
 class ScoreConfig(Section):

@@ -1,0 +1,337 @@
+"""`odsd teacher train`: a plain-torch supervised teacher on labelled shards, saved as safetensors.
+
+The shards are decoded once into uint8 memory (CIFAR-10: 150 MB); every batch is augmented on the
+uint8 tensor (random crop with padding + horizontal flip, vectorised in torch), normalised with the
+training-set statistics and fed to SGD (Nesterov) under a one-cycle or cosine schedule. A checkpoint
+after every epoch makes a killed run resumable; the same config and seed give the same weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Config, TeacherTrainConfig, expand_paths
+from .errors import UserError
+from .stage import StageOutput, file_identity
+from .tables import atomic_write_json
+
+CHECKPOINT = "teacher_checkpoint.safetensors"
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_split(paths: list[str], size: int, channels: int, key: str,
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray, Optional[list[str]]]:
+    """Decode labelled shards into (uint8 N×H×W×C, int64 N, class names or None); empty is a UserError naming `key`."""
+    from .shards.labelled import load_labelled
+
+    stats: dict = {}
+    images, labels, names = load_labelled(paths, size, channels, progress=progress, stats=stats)
+    if len(labels) == 0:
+        raise UserError(f"{key}: no labelled samples (KEY.jpg + KEY.cls) in {len(paths)} shard(s); "
+                        f"skipped {stats.get('skipped', {})}")
+    return images, labels, names
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 N×H×W×C images, in [0, 1] units (exact, float64 sums)."""
+    x = torch.from_numpy(images).reshape(-1, images.shape[-1])
+    s1 = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    for chunk in torch.split(x, 1 << 22):
+        c = chunk.double()
+        s1 += c.sum(0)
+        s2 += (c * c).sum(0)
+    n = x.shape[0]
+    mean = s1 / n
+    std = (s2 / n - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(v) / 255, 6) for v in mean], [round(float(v) / 255, 6) for v in std]
+
+
+def augment_batch(x: torch.Tensor, padding: int, crop: bool, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip of a uint8 B×H×W×C batch, all in one gather."""
+    b, h, w, _ = x.shape
+    if crop and padding > 0:
+        xp = x.new_zeros((b, h + 2 * padding, w + 2 * padding, x.shape[3]))
+        xp[:, padding:padding + h, padding:padding + w] = x
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+    else:
+        xp, oy, ox = x, torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+    cols = torch.arange(w).expand(b, w)
+    if flip:
+        flipped = torch.rand(b, generator=gen) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    rows = oy[:, None] + torch.arange(h)
+    cols = ox[:, None] + cols
+    return xp[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, total: int, tc: TeacherTrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total`: linear warm-up, then cosine to zero."""
+    warm = int(round(tc.warmup_frac * total))
+    start = tc.lr / 25 if tc.schedule == "onecycle" else 0.0
+    if step < warm:
+        return start + (tc.lr - start) * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return tc.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(model: torch.nn.Module, tc: TeacherTrainConfig) -> torch.optim.SGD:
+    """SGD (Nesterov) with weight decay on conv/linear weights only (not on BN and biases)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov and tc.momentum > 0)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: np.ndarray, meta: dict, batch_size: int = 512,
+            channels_last: bool = True) -> np.ndarray:
+    """Argmax predictions (int64) for uint8 N×H×W×C images, batch by batch."""
+    from .models import normalize
+
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i:i + batch_size], meta)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        out.append(model(x).argmax(1))
+    return torch.cat(out).numpy() if out else np.empty((0,), np.int64)
+
+
+def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, meta: dict,
+             batch_size: int = 512, channels_last: bool = True) -> tuple[float, list[float]]:
+    """(top-1, per-class accuracy) of `model` on labelled arrays."""
+    pred = predict(model, images, meta, batch_size, channels_last)
+    correct = pred == labels
+    c = int(meta["num_classes"])
+    per = [float(correct[labels == k].mean()) if (labels == k).any() else float("nan") for k in range(c)]
+    return float(correct.mean()), per
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+def _save_checkpoint(path: Path, model, opt, epoch: int, fingerprint: str, history: list) -> None:
+    from safetensors.torch import save_file
+
+    import json
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"opt.{gi}.{pi}"] = buf.detach().contiguous()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"epoch": str(epoch), "fingerprint": fingerprint,
+                                            "history": json.dumps(history)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model, opt, fingerprint: str) -> Optional[tuple[int, list]]:
+    """(epochs done, history) when `path` is a checkpoint of this exact run, else None (start over)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        state = load_file(str(path))
+        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if f"opt.{gi}.{pi}" in state:
+                    opt.state[p]["momentum_buffer"] = state[f"opt.{gi}.{pi}"].clone()
+        return int(meta["epoch"]), json.loads(meta.get("history", "[]"))
+    except Exception as e:  # a damaged checkpoint is not fatal: train from scratch
+        print(f"teacher: ignoring unreadable checkpoint {path} ({e})", file=sys.stderr)
+        return None
+
+
+# ----------------------------------------------------------------------------- training
+
+def _resolve_inputs(cfg: Config) -> tuple[list[str], list[str], Path, Path]:
+    tc = cfg.teacher_train
+    if not tc.shards:
+        raise UserError("teacher_train.shards: no labelled shards given")
+    train = expand_paths(tc.shards, "teacher_train.shards")
+    val = expand_paths(tc.val_shards, "teacher_train.val_shards") if tc.val_shards else []
+    weights = Path(cfg.teacher.weights)
+    if weights.suffix != ".safetensors":
+        raise UserError(f"teacher.weights: {weights} must end in .safetensors")
+    out = Path(tc.out) if tc.out else weights.parent
+    return train, val, weights, out
+
+
+def train_teacher(cfg: Config) -> dict:
+    """Train `teacher_train.arch` on `teacher_train.shards`; write `teacher.weights`; return the summary."""
+    from tqdm import tqdm
+
+    from .models import build_model, normalize, save_model, weights_sha256
+
+    tc = cfg.teacher_train
+    train_paths, val_paths, weights, out = _resolve_inputs(cfg)
+    build_model(tc.arch, 2, tc.channels)  # unknown arch -> UserError before decoding anything
+    section = tc.model_dump(mode="json")
+    for k in ("progress", "resume", "threads", "eval_batch_size", "val_every"):
+        section.pop(k)  # do not change the weights
+    stage = StageOutput(out, "teacher_train", {"teacher_train": section, "seed": cfg.seed, "weights": str(weights)},
+                        {"shards": [file_identity(p) for p in train_paths]})
+    done = stage.done()
+    if done and weights.is_file() and done["summary"].get("weights_sha256") == weights_sha256(weights):
+        print(f"teacher: {weights} is already trained with this config and data (done.json); nothing to do")
+        return done["summary"]
+
+    threads = tc.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    print(f"teacher: decoding {len(train_paths)} training shard(s) ...", flush=True)
+    images, labels, names = load_split(train_paths, tc.input_size, tc.channels, "teacher_train.shards", tc.progress)
+    if tc.max_train_samples and tc.max_train_samples < len(labels):
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(labels))[:tc.max_train_samples])
+        images, labels = images[keep], labels[keep]
+    num_classes = len(names) if names else int(labels.max()) + 1
+    if int(labels.max()) >= num_classes:
+        raise UserError(f"teacher_train.shards: label {int(labels.max())} but only {num_classes} class names")
+    names = names or [str(i) for i in range(num_classes)]
+    val = None
+    if val_paths:
+        vx, vy, _ = load_split(val_paths, tc.input_size, tc.channels, "teacher_train.val_shards", tc.progress)
+        val = (vx, vy)
+    t_decode = time.time() - t_start
+    mean, std = channel_stats(images)
+    mean, std = tc.mean or mean, tc.std or std
+    if len(mean) != tc.channels or len(std) != tc.channels:
+        raise UserError(f"teacher_train.mean/std: need {tc.channels} values each")
+    meta = {"arch": tc.arch, "num_classes": num_classes, "in_chans": tc.channels, "input_size": tc.input_size,
+            "mean": mean, "std": std, "class_names": names}
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(tc.arch, num_classes, tc.channels)
+    fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = make_optimizer(model, tc)
+    n = len(labels)
+    bs = min(tc.batch_size, n)
+    steps_per_epoch = n // bs  # drop the ragged last batch: BN statistics stay sane
+    total_steps = steps_per_epoch * tc.epochs
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    ckpt = stage.folder / CHECKPOINT
+    first_epoch, history = 0, []
+    if tc.resume:
+        got = _load_checkpoint(ckpt, model, opt, stage.fingerprint)
+        if got:
+            first_epoch, history = got
+            print(f"teacher: resuming after epoch {first_epoch} from {ckpt}", flush=True)
+    stage.start(cfg.to_dict())
+
+    x_all = torch.from_numpy(images)
+    y_all = torch.from_numpy(labels)
+    crop = tc.augment in ("crop_flip", "crop")
+    flip = tc.augment in ("crop_flip", "flip")
+    tty = sys.stderr.isatty()
+    print(f"teacher: {tc.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), {n} images, "
+          f"{num_classes} classes, {tc.epochs} epochs x {steps_per_epoch} steps of {bs}, {threads} threads",
+          flush=True)
+    for epoch in range(first_epoch, tc.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        t0 = time.time()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step", disable=not tc.progress,
+                   mininterval=1.0 if tty else 60.0, file=sys.stderr, dynamic_ncols=tty)
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, tc)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = order[i * bs:(i + 1) * bs]
+            xb = augment_batch(x_all[idx], tc.crop_padding, crop, flip, gen)
+            xb = normalize(xb, meta).contiguous(memory_format=fmt)
+            yb = y_all[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=tc.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+            if i % 10 == 0 or i == steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}",
+                                ips=f"{seen / (time.time() - t0):.0f}")
+        bar.close()
+        if not math.isfinite(loss_sum):
+            raise RuntimeError(f"teacher: loss diverged in epoch {epoch + 1}; lower teacher_train.lr")
+        dt = time.time() - t0
+        rec = {"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 4), "train_acc": round(correct / seen, 4),
+               "seconds": round(dt, 1), "img_per_s": round(seen / dt, 1)}
+        if val is not None and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
+            rec["val_acc"] = round(accuracy(model, val[0], val[1], meta, tc.eval_batch_size, tc.channels_last)[0], 4)
+        history.append(rec)
+        print("teacher: " + "  ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+        _save_checkpoint(ckpt, model, opt, epoch + 1, stage.fingerprint, history)
+        atomic_write_json(stage.folder / "teacher_history.json", history)
+
+    val_acc, per_class = None, None
+    if val is not None:
+        val_acc, per_class = accuracy(model, val[0], val[1], meta, tc.eval_batch_size, tc.channels_last)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    full_meta = dict(meta, feature_dim=model.feature_dim, seed=cfg.seed, teacher_train=tc.model_dump(mode="json"),
+                     train_samples=n, val_acc=val_acc, val_per_class=per_class, trained_by="odsd teacher train",
+                     train_shards=[Path(p).name for p in train_paths], val_shards=[Path(p).name for p in val_paths])
+    save_model(model, weights, full_meta)
+    wall = time.time() - t_start
+    train_s = sum(h["seconds"] for h in history)
+    summary = {
+        "weights": str(weights), "weights_sha256": weights_sha256(weights), "arch": tc.arch,
+        "num_classes": num_classes, "train_samples": n, "epochs": tc.epochs, "batch_size": bs,
+        "threads": threads, "decode_seconds": round(t_decode, 1), "train_seconds": round(train_s, 1),
+        "wall_seconds": round(wall, 1),
+        "img_per_s": round(n * len(history) / train_s, 1) if train_s else None,
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "final_train_acc": history[-1]["train_acc"] if history else None,
+        "val_acc": None if val_acc is None else round(val_acc, 4), "val_samples": 0 if val is None else len(val[1]),
+        "resumed_from_epoch": first_epoch or None,
+    }
+    stage.finish(summary)
+    if ckpt.exists():
+        ckpt.unlink()
+    _print_summary(summary, names, per_class)
+    return summary
+
+
+def _print_summary(s: dict, names: list[str], per_class: Optional[list[float]]) -> None:
+    print("\n== odsd teacher train " + "=" * 50)
+    print(f"  weights        {s['weights']}  (sha256 {s['weights_sha256'][:12]})")
+    print(f"  model          {s['arch']}, {s['num_classes']} classes")
+    print(f"  data           {s['train_samples']} training images; {s['epochs']} epochs x batch {s['batch_size']}")
+    print(f"  time           {s['wall_seconds']:.0f} s wall (decode {s['decode_seconds']:.0f} s, train "
+          f"{s['train_seconds']:.0f} s, {s['img_per_s']} img/s on {s['threads']} threads)")
+    print(f"  train          loss {s['final_train_loss']}, acc {s['final_train_acc']}")
+    if s["val_acc"] is not None:
+        print(f"  val top-1      {s['val_acc']:.4f} on {s['val_samples']} images")
+        if per_class:
+            print("  per class      " + ", ".join(f"{n}={a:.2f}" for n, a in zip(names, per_class)))
+    print("=" * 72)
