@@ -130,7 +130,7 @@ def plain_loop(teacher: str, shards: list[str], batch: int, workers: int, thread
     return {"images": n, "seconds": dt, "images_per_s": n / dt, "workers": workers, "threads": threads}
 
 
-def odsd_score(teacher: str, shards: list[str], batch: int, actors: int, extra: list[str]) -> dict:
+def odsd_score(teacher: str, shards: list[str], batch: int, actors: int, extra: list[str], keep: str = "") -> dict:
     out = tempfile.mkdtemp(prefix="odsd-bench-score-")
     shard_dir = Path(out) / "in"
     shard_dir.mkdir()
@@ -144,6 +144,9 @@ def odsd_score(teacher: str, shards: list[str], batch: int, actors: int, extra: 
         print(text[-4000:], file=sys.stderr)
         raise SystemExit(f"odsd score failed with exit code {rc}")
     done = json.loads((Path(out) / "score" / "done.json").read_text())["summary"]
+    if keep:  # keep the score table for the sampling checks (same teacher, same pool)
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.move(str(Path(out) / "score"), keep)
     shutil.rmtree(out, ignore_errors=True)
     return {"shards": len(shards), "rows": done["rows"], "quarantined": done["quarantined"],
             "command_seconds": wall, "stage_seconds": done["seconds"],
@@ -160,6 +163,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--forward-images", type=int, default=20000)
     ap.add_argument("--json", default="bench/results/scoring.json")
+    ap.add_argument("--keep", default="", help="move the full run's score folder here (e.g. runs/cifar10/score)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for odsd score")
     args = ap.parse_args()
     shards = sorted(glob.glob(os.path.join(args.pool, "*.tar")))
@@ -181,7 +185,7 @@ def main() -> None:
     print("[4/5] odsd score, 2 shards", file=sys.stderr)
     res["odsd_score_2"] = odsd_score(args.teacher, shards[:2], args.batch, args.actors, extra)
     print(f"[5/5] odsd score, {len(shards)} shards", file=sys.stderr)
-    res["odsd_score_all"] = odsd_score(args.teacher, shards, args.batch, args.actors, extra)
+    res["odsd_score_all"] = odsd_score(args.teacher, shards, args.batch, args.actors, extra, args.keep)
     lower = min(res["decode_only"]["images_per_s"], res["forward_only"]["images_per_s"])
     pipe = res["odsd_score_all"]["images_per_s"]
     res["ratios"] = {"pipeline_vs_lower_limit": pipe / lower, "pipeline_vs_plain_loop": pipe / res["plain_loop"]["images_per_s"]}

@@ -89,11 +89,20 @@ def prom_metric(name: str):
         return m
 
 
+_served: dict[int, int] = {}
+
+
 def serve_metrics(port: Optional[int]) -> Optional[int]:
-    """Start prometheus_client's HTTP endpoint on `port` (0 = any free port); returns the bound port."""
+    """Start prometheus_client's HTTP endpoint on `port` (0 = any free port); returns the bound port.
+
+    Idempotent per process, so every stage may call it (`odsd run` runs them all in one process)."""
     if port is None:
         return None
-    import prometheus_client as pc
+    with _lock:
+        if port in _served:
+            return _served[port]
+        import prometheus_client as pc
 
-    server, _ = pc.start_http_server(port)
-    return server.server_port
+        server, _ = pc.start_http_server(port)
+        _served[port] = server.server_port
+        return server.server_port
