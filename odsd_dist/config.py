@@ -58,6 +58,9 @@ class TeacherTrainConfig(Section):
     eval_batch_size: int = Field(512, ge=1)
     val_every: int = Field(1, ge=1)  # epochs between val accuracy reports (the last epoch always)
     max_train_samples: Optional[int] = Field(None, ge=1)  # a seeded subset, for quick trials
+    # Start from these weights (same arch and classes) instead of a random init: fine-tuning or a
+    # warm restart of a finished teacher. Its normalisation is kept unless mean/std are set.
+    init: Optional[str] = None
     resume: bool = True  # continue from <out>/teacher_checkpoint.safetensors if its config matches
     progress: bool = True
 
@@ -109,8 +112,9 @@ class Config(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     teacher_train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
-    sample: Any = None
-    distill: Any = None
+    # validate_default: a config without the section still gets the section's defaults (not None)
+    sample: Any = Field(None, validate_default=True)
+    distill: Any = Field(None, validate_default=True)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 

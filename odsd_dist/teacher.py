@@ -183,6 +183,25 @@ def _resolve_inputs(cfg: Config) -> tuple[list[str], list[str], Path, Path]:
     return train, val, weights, out
 
 
+def _check_init(tc) -> Optional[dict]:
+    """Metadata of `teacher_train.init` (UserError naming the key when unusable), or None."""
+    if not tc.init:
+        return None
+    from .models import read_model_meta
+
+    path = Path(tc.init)
+    if not path.is_file():
+        raise UserError(f"teacher_train.init: no such file {path}")
+    try:
+        meta = read_model_meta(path)
+    except UserError as e:
+        raise UserError(f"teacher_train.init: {e}") from None
+    if meta.get("arch") != tc.arch or int(meta.get("in_chans", -1)) != tc.channels:
+        raise UserError(f"teacher_train.init: {path} is {meta.get('arch')} with {meta.get('in_chans')} channels; "
+                        f"teacher_train wants {tc.arch} with {tc.channels}")
+    return meta
+
+
 def train_teacher(cfg: Config) -> dict:
     """Train `teacher_train.arch` on `teacher_train.shards`; write `teacher.weights`; return the summary."""
     from tqdm import tqdm
@@ -195,8 +214,10 @@ def train_teacher(cfg: Config) -> dict:
     section = tc.model_dump(mode="json")
     for k in ("progress", "resume", "threads", "eval_batch_size", "val_every"):
         section.pop(k)  # do not change the weights
+    init_meta = _check_init(tc)
     stage = StageOutput(out, "teacher_train", {"teacher_train": section, "seed": cfg.seed, "weights": str(weights)},
-                        {"shards": [file_identity(p) for p in train_paths]})
+                        {"shards": [file_identity(p) for p in train_paths],
+                         "init_sha256": weights_sha256(Path(tc.init)) if tc.init else None})
     done = stage.done()
     if done and weights.is_file() and done["summary"].get("weights_sha256") == weights_sha256(weights):
         print(f"teacher: {weights} is already trained with this config and data (done.json); nothing to do")
@@ -219,7 +240,7 @@ def train_teacher(cfg: Config) -> dict:
         vx, vy, _ = load_split(val_paths, tc.input_size, tc.channels, "teacher_train.val_shards", tc.progress)
         val = (vx, vy)
     t_decode = time.time() - t_start
-    mean, std = channel_stats(images)
+    mean, std = (init_meta["mean"], init_meta["std"]) if init_meta else channel_stats(images)
     mean, std = tc.mean or mean, tc.std or std
     if len(mean) != tc.channels or len(std) != tc.channels:
         raise UserError(f"teacher_train.mean/std: need {tc.channels} values each")
@@ -229,6 +250,14 @@ def train_teacher(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(tc.arch, num_classes, tc.channels)
     fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
+    if init_meta:
+        from .models import load_model
+
+        if int(init_meta["num_classes"]) != num_classes:
+            raise UserError(f"teacher_train.init: {tc.init} has {init_meta['num_classes']} classes, "
+                            f"the shards have {num_classes}")
+        model.load_state_dict(load_model(tc.init)[0].state_dict())
+        print(f"teacher: starting from {tc.init}", flush=True)
     model = model.to(memory_format=fmt)
     opt = make_optimizer(model, tc)
     n = len(labels)

@@ -218,16 +218,8 @@ def build_from_folder(src: str | os.PathLike, out: str | os.PathLike, shard_size
             except Damaged as d:
                 skipped[d.reason] = skipped.get(d.reason, 0) + 1
                 continue
-            key = writer.next_key()
-            rel = path.relative_to(src).as_posix()
-            if classes:
-                meta = {"key": key, "label": label, "class_name": classes[label], "width": w, "height": h}
-                row = dict(meta, source_name=rel)
-            else:
-                meta = {"key": key, "url": rel, "status": "success", "width": w, "height": h,
-                        "sha256": hashlib.sha256(data).hexdigest()}
-                row = meta
-            writer.add(_sample_members(key, data, ext, meta, label), row)
+            _add_entry(writer, data, ext, path.relative_to(src).as_posix(), w, h,
+                       label if classes else None, classes)
         written = writer.close()
     except BaseException:
         writer.abort()
@@ -237,6 +229,20 @@ def build_from_folder(src: str | os.PathLike, out: str | os.PathLike, shard_size
     if classes:
         written.append(_write_classes(out, classes))
     return _summary(out, writer, written, classes, skipped, t0)
+
+
+def _add_entry(writer, data: bytes, ext: str, source_name: str, w: int, h: int,
+               label: Optional[int], class_names: Optional[Sequence[str]]) -> None:
+    """One sample: labelled (label + class_name, sidecar source_name) or pool (url, status, sha256)."""
+    key = writer.next_key()
+    if label is not None:
+        meta = {"key": key, "label": label, "class_name": class_names[label], "width": w, "height": h}
+        row = dict(meta, source_name=source_name)
+    else:
+        meta = {"key": key, "url": source_name, "status": "success", "width": w, "height": h,
+                "sha256": hashlib.sha256(data).hexdigest()}
+        row = meta
+    writer.add(_sample_members(key, data, ext, meta, label), row)
 
 
 def build_from_arrays(images: np.ndarray, labels: Optional[np.ndarray], out: str | os.PathLike,
@@ -277,18 +283,8 @@ def build_from_arrays(images: np.ndarray, labels: Optional[np.ndarray], out: str
     try:
         for i in range(n):
             bar.update(1)
-            data = encode_image(images[i], fmt)
-            key = writer.next_key()
-            if labels is not None:
-                lab = int(labels[i])
-                meta = {"key": key, "label": lab, "class_name": class_names[lab], "width": w, "height": h}
-                row = dict(meta, source_name=f"{source}[{i}]")
-            else:
-                lab = None
-                meta = {"key": key, "url": f"{source}[{i}]", "status": "success", "width": w, "height": h,
-                        "sha256": hashlib.sha256(data).hexdigest()}
-                row = meta
-            writer.add(_sample_members(key, data, fmt, meta, lab), row)
+            _add_entry(writer, encode_image(images[i], fmt), fmt, f"{source}[{i}]", w, h,
+                       None if labels is None else int(labels[i]), class_names)
         written = writer.close()
     except BaseException:
         writer.abort()
