@@ -1,4 +1,9 @@
-"""Peak-RSS sampling of a process tree (a command and every Ray process it starts), by role."""
+"""Peak-RSS sampling of a process tree (a command and every Ray process it starts), by role.
+
+Two figures per process: `rss` (everything resident, including pages of Ray's shared-memory object
+store that the process has mapped and touched) and `anon` (RssAnon: the process's own heap, what it
+alone holds). A worker that reads many blocks from the object store shows more `rss` without owning
+more memory, so growth is judged on both."""
 from __future__ import annotations
 
 import subprocess
@@ -19,6 +24,18 @@ def role_of(cmdline: list[str]) -> str:
     return "other"
 
 
+def _rss_anon(pid: int) -> int:
+    """RssAnon of /proc/<pid>/status in bytes (0 where unavailable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class TreeRSS:
     """Polls a process and its descendants every `interval` s; keeps the peak RSS of each process."""
 
@@ -26,6 +43,7 @@ class TreeRSS:
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peaks: dict[int, tuple[str, str, int]] = {}
+        self.anon: dict[int, int] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -33,6 +51,7 @@ class TreeRSS:
         try:
             rss = p.memory_info().rss
             name = " ".join(p.cmdline())[:120]
+            anon = _rss_anon(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return
         old = self.peaks.get(p.pid)
@@ -40,6 +59,7 @@ class TreeRSS:
             role = role_of(name.split())
         if old is None or rss > old[2]:
             self.peaks[p.pid] = (role, name, rss)
+        self.anon[p.pid] = max(self.anon.get(p.pid, 0), anon)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -59,10 +79,11 @@ class TreeRSS:
     def stop(self) -> dict:
         self._stop.set()
         self._t.join()
-        by_role: dict[str, list[int]] = {}
-        for role, _, rss in self.peaks.values():
-            by_role.setdefault(role, []).append(rss)
-        return {role: {"max_mb": max(v) / 2**20, "count": len(v)} for role, v in by_role.items()}
+        by_role: dict[str, list[tuple[int, int]]] = {}
+        for pid, (role, _, rss) in self.peaks.items():
+            by_role.setdefault(role, []).append((rss, self.anon.get(pid, 0)))
+        return {role: {"max_mb": max(r for r, _ in v) / 2**20, "max_anon_mb": max(a for _, a in v) / 2**20,
+                       "count": len(v)} for role, v in by_role.items()}
 
 
 def run_measured(cmd: list[str], env=None, cwd=None) -> tuple[int, float, dict, str]:
