@@ -46,6 +46,8 @@ def cmd_score(args):
 def cmd_sample(args):
     from .sample import run_sample
 
+    if args.reshard:
+        args.overrides.append(f"sample.reshard={args.reshard}")
     return run_sample(_config(args))
 
 
@@ -105,6 +107,29 @@ def cmd_report_sampling(args):
 
 SHARDS_BUILD_HELP = "write img2dataset-style shards from an image folder or numpy arrays (--help for options)"
 REPORT_HELP = "self-contained HTML page with PNG plots of a selection (--help for options)"
+SAMPLE_EPILOG = """The selection table holds per image: key, url, weight and the sparse low-noise teacher target.
+
+methods (sample.method; METHODS.md 1.2, 4):
+  aps              Adaptive Prototype Sampling (default): N/C per teacher class by a_c*z(maxprob)
+                   + a_r*z(cosine to the class prototype) + a_e*z(-energy), prototypes refined over rounds
+  maxprob          N/C per teacher class by highest maxprob
+  balanced-random  N/C per teacher class at random (seeded)
+  random           N at random (seeded)
+  entropy-high     the N most uncertain (highest entropy)
+  all              the whole pool
+  A class with fewer candidates than N/C keeps them all and hands the rest to the other classes.
+
+config keys (sample.*, defaults):
+  method=aps  n=30000  scores=<out>/score  out=<out>/sample  batch_rows=262144
+  aps.a_c=1 aps.a_r=1 aps.a_e=1 aps.rounds=2 aps.prototypes_per_class=1 aps.kmeans_iters=5
+  aps.prototype_source=all|confident aps.confident_threshold=0.5 aps.prototype_weight=maxprob|uniform
+  aps.weight_by_score=false  targets.topk=3 targets.tau=4  reshard=DIR pool_shards=[tars]  (seed: top-level)
+
+examples:
+  odsd sample --config my.yaml --set sample.method=maxprob --set sample.n=30000
+  odsd sample --config my.yaml --set sample.aps.rounds=3 --reshard runs/my/train_shards
+  odsd report sampling --config my.yaml --provenance provenance.parquet
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,14 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def stage(name, func, help_):
-        p = sub.add_parser(name, help=help_, description=help_)
+    def stage(name, func, help_, epilog=None):
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
         _add_config_args(p)
         p.set_defaults(func=func)
         return p
 
     stage("score", cmd_score, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables")
-    stage("sample", cmd_sample, "select N pool images from the score table (APS or a baseline); writes selection.parquet")
+    p = stage("sample", cmd_sample, "select N pool images from the score table (APS or a baseline); writes selection.parquet",
+              SAMPLE_EPILOG)
+    p.add_argument("--reshard", metavar="DIR", help="also write the selected images as new training shards "
+                   "into DIR (same as --set sample.reshard=DIR; pool tars from sample.pool_shards or score.shards)")
     stage("distill", cmd_distill, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors")
     p = stage("eval", cmd_eval, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json")
     p.add_argument("--weights", help="model to evaluate (default: the distilled student)")

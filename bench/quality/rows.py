@@ -1,0 +1,92 @@
+"""The rows of the quality benchmark: a registry of named methods, each a set of `--set` overrides.
+
+A row says where its training images come from (`pool`: score -> sample -> selection; `train`: the
+original domain's labelled training split, for the oracle and the scratch student) and which sample
+and distill settings it uses. Everything else (student, steps, batch size, seeds) is shared by every
+row. A later method (KD^3, MosaicKD) slots in with one `register(Row(...))` call here, or with an
+inline row in the benchmark config (`rows: [{name: kd3, source: pool, set: [...]}]`), never by
+editing the runner.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Keys a row may not override: every row trains the same student for the same steps at the same batch size.
+FIXED_KEYS = ("distill.steps", "distill.epochs", "distill.batch_size", "distill.workers", "distill.student",
+              "distill.source", "distill.shards", "distill.selection", "distill.eval_every_epoch",
+              "eval.shards", "sample.n", "sample.scores", "score.shards", "teacher.weights", "seed", "out")
+
+SOURCES = ("pool", "train")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str                      # id used in configs, folders and the JSON
+    label: str                     # what the table shows
+    source: str                    # "pool" or "train"
+    set: tuple[str, ...] = ()      # odsd config overrides, `section.key=value`
+    group: str = "custom"          # baseline | odsd | ablation | reference | custom
+    what: str = ""                 # one line for the report
+    grid: dict = field(default_factory=dict, hash=False, compare=False)  # row-specific tuning grid
+
+
+_REGISTRY: dict[str, Row] = {}
+
+
+def register(row: Row) -> Row:
+    """Make a row available by name (config `rows:`)."""
+    if row.source not in SOURCES:
+        raise ValueError(f"row {row.name}: source must be one of {SOURCES}")
+    _REGISTRY[row.name] = row
+    return row
+
+
+def get_row(name: str) -> Row:
+    return _REGISTRY[name]
+
+
+def known_rows() -> list[str]:
+    return list(_REGISTRY)
+
+
+def fixed_key_violations(overrides) -> list[str]:
+    """The overrides among `overrides` that touch a key every row must share."""
+    bad = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if any(key == k or key.startswith(k + ".") for k in FIXED_KEYS):
+            bad.append(key)
+    return bad
+
+
+# --- the built-in rows (METHODS.md §1, §4; issue 9) --------------------------------------------------
+register(Row("kd_pool", "KD, whole pool", "pool", ("sample.method=all", "distill.method=kd"), "baseline",
+             "Hinton KD on every intact pool image"))
+register(Row("kd_random", "KD, random N", "pool", ("sample.method=random", "distill.method=kd"), "baseline",
+             "KD on N pool images drawn uniformly"))
+register(Row("kd_balanced_random", "KD, class-balanced random N", "pool",
+             ("sample.method=balanced-random", "distill.method=kd"), "baseline",
+             "KD on N/C pool images per teacher class, at random (balance without confidence)"))
+register(Row("kd_maxprob", "KD, class-balanced maxprob top-N", "pool", ("sample.method=maxprob", "distill.method=kd"),
+             "baseline", "KD on the N/C most confident pool images per teacher class"))
+register(Row("odsd", "ODSD (APS + low-noise KD + DCRD)", "pool", ("sample.method=aps", "distill.method=odsd"), "odsd",
+             "the full method"))
+register(Row("odsd_maxprob", "ODSD, APS -> maxprob top-N", "pool", ("sample.method=maxprob", "distill.method=odsd"),
+             "ablation", "ODSD's losses on the maxprob selection: what APS adds"))
+register(Row("odsd_full_targets", "ODSD, full-softmax targets", "pool",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.targets=teacher",
+              "distill.options.target_topk=100000"), "ablation",
+             "the teacher's whole softmax at tau instead of the sparse low-noise target: what denoising adds"))
+register(Row("odsd_no_lnkd", "ODSD, no L_lnkd", "pool",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.use_lnkd=false"), "ablation",
+             "the low-noise KD term switched off (only L_self + L_rel reach the student)"))
+register(Row("odsd_no_self", "ODSD, no L_self", "pool",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.use_self=false"), "ablation",
+             "without the student self-contrast"))
+register(Row("odsd_no_rel", "ODSD, no L_rel", "pool",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.use_rel=false"), "ablation",
+             "without the teacher relations"))
+register(Row("oracle_kd", "Oracle: KD on the original train split", "train", ("distill.method=kd",), "reference",
+             "KD on the teacher's own training images (minus the validation split): upper reference"))
+register(Row("scratch", "Scratch: labels on the original train split", "train", ("distill.method=ce",), "reference",
+             "the student trained from labels alone, same steps"))

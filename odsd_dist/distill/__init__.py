@@ -1,0 +1,217 @@
+"""`odsd distill`: train the student on the selection with Ray Train (TorchTrainer) + DeepSpeed ZeRO 0-3.
+
+Every check a user can act on (method, teacher, selection, shards, sizes) runs before any Ray work.
+The run is resumable: Ray Train restarts a failed worker group from the latest checkpoint
+(`max_failures`), and a rerun of `odsd distill` after a crash finds the same run (named by the stage
+fingerprint) under `<distill>/ray_results` and continues from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..config import Config, expand_paths
+from ..errors import UserError
+from ..stage import StageOutput, file_identity
+
+__all__ = ["run_distill"]
+
+
+def _plan(cfg: Config) -> dict:
+    """Validate the config and inputs (no Ray); returns what the run needs."""
+    from ..models import read_model_meta, weights_sha256
+    from ..tables import read_meta
+    from .config import RUNTIME_KEYS
+    from .methods import method_class
+
+    d = cfg.distill
+    mcls = method_class(d.method)
+    # methods validate their own options when built (e.g. odsd with every term off)
+    mcls(d.options, 8, 8, 2)
+    tpath = Path(cfg.teacher.weights)
+    tmeta = read_model_meta(tpath)
+    from ..models import ARCHS
+
+    if d.student not in ARCHS and not d.student.startswith("timm:"):
+        raise UserError(f"distill.student: unknown arch {d.student!r}; known: {', '.join(ARCHS)}")
+    if d.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available() and cfg.ray.address is None:
+            raise UserError("distill.device=cuda but no CUDA device is visible (set distill.device=cpu)")
+    selection, shard_paths = None, []
+    if d.source == "selection":
+        if mcls.needs_labels:
+            raise UserError(f"distill.method={d.method} needs labels: set distill.source=shards with labelled shards")
+        selection = Path(d.selection) if d.selection else cfg.stage_dir("sample") / "selection.parquet"
+        if not selection.is_file():
+            raise UserError(f"distill: selection not found: {selection} (run `odsd sample` first, or set distill.selection)")
+        smeta = read_meta(selection)
+        tau = ((smeta.get("config") or {}).get("targets") or {}).get("tau")
+        if tau is not None and d.method == "odsd" and abs(float(tau) - d.options.tau) > 1e-9:
+            print(f"odsd distill: warning: the selection's targets were made at tau={tau}, "
+                  f"distill.options.tau={d.options.tau}", file=sys.stderr)
+        pool = d.pool_shards or cfg.score.shards
+        if not pool:
+            raise UserError("distill.pool_shards (or score.shards): the pool shards the selection was drawn from")
+        pool_paths = expand_paths(pool, "distill.pool_shards" if d.pool_shards else "score.shards")
+        import pyarrow.parquet as pq
+
+        from .data import resolve_pool_shards
+
+        wanted = sorted(set(pq.read_table(selection, columns=["shard"]).column("shard").to_pylist()))
+        if not wanted:
+            raise UserError(f"distill: the selection {selection} is empty")
+        shard_paths = resolve_pool_shards(wanted, pool_paths)
+    else:
+        if not d.shards:
+            raise UserError("distill.shards: source=shards needs the shards to train on")
+        shard_paths = expand_paths(d.shards, "distill.shards")
+    eval_shards = expand_paths(cfg.eval.shards, "eval.shards") if (d.eval_every_epoch and cfg.eval.shards) else []
+    config = {k: v for k, v in cfg.section_dict("distill").items() if k not in RUNTIME_KEYS and k != "out"}
+    sha = weights_sha256(tpath)
+    inputs = {"teacher_sha256": sha, "seed": cfg.seed,
+              "selection": file_identity(selection) if selection else None,
+              "shards": [file_identity(p) for p in shard_paths],
+              "eval_shards": [file_identity(p) for p in eval_shards]}
+    return {"method": mcls, "teacher_meta": tmeta, "teacher_sha256": sha, "selection": selection,
+            "shard_paths": shard_paths, "eval_shards": eval_shards, "config": config, "inputs": inputs}
+
+
+def run_distill(cfg: Config) -> dict:
+    """Materialise the training data, run the TorchTrainer, write student.safetensors + history.json."""
+    plan = _plan(cfg)
+    d = cfg.distill
+    folder = cfg.stage_dir("distill")
+    stage = StageOutput(folder, "distill", plan["config"], plan["inputs"])
+    rec = stage.done()
+    if rec is not None:
+        _print_summary(rec["summary"], skipped=True)
+        return rec["summary"]
+    stage.start(cfg.to_dict())
+    t0 = time.perf_counter()
+
+    from ..raytools import init_ray
+    from .data import epoch_feed, materialise
+
+    init_ray(cfg.ray)
+    _check_resources(d)
+    tmeta = plan["teacher_meta"]
+    size, chans = int(tmeta["input_size"]), int(tmeta["in_chans"])
+    data = materialise(folder / "train_data", selection=plan["selection"], shard_paths=plan["shard_paths"],
+                       size=size, channels=chans, max_pixels=cfg.score.max_pixels,
+                       decode_batch_size=d.decode_batch_size, data_cpus=d.data_cpus,
+                       with_labels=plan["method"].needs_labels)
+    rows = data["rows"]
+    spe = (rows // d.workers) // d.batch_size
+    if spe < 1:
+        raise UserError(f"distill: {rows} training images are fewer than workers x batch_size = "
+                        f"{d.workers} x {d.batch_size}")
+    total = d.steps if d.steps is not None else d.epochs * spe
+    threads = d.threads or max(1, int(-(-d.worker_cpus // 1)))
+    student_meta = {k: tmeta[k] for k in ("input_size", "mean", "std", "class_names") if k in tmeta}
+    student_meta.update({"arch": d.student, "num_classes": tmeta["num_classes"], "in_chans": tmeta["in_chans"]})
+    spec = {
+        "distill": d.model_dump(mode="json"), "seed": cfg.seed, "teacher_weights": str(Path(cfg.teacher.weights).resolve()),
+        "teacher_sha256": plan["teacher_sha256"], "student_meta": student_meta, "threads": threads,
+        "train_dir": str((folder / "train_data").resolve()), "rows": rows, "steps_per_epoch": spe,
+        "total_steps": total, "batch_size": d.batch_size, "workers": d.workers, "views": plan["method"].views,
+        "augment": d.augment.model_dump(mode="json"), "mean": list(tmeta.get("mean") or [0.0] * chans),
+        "std": list(tmeta.get("std") or [1.0] * chans), "data_cpus": d.data_cpus,
+        "aug_batch_rows": max(d.batch_size, 64), "eval_shards": plan["eval_shards"],
+        "eval_every_epoch": d.eval_every_epoch, "out_dir": str(folder.resolve()),
+        "epochs_per_pass": d.epochs_per_pass,
+    }
+    print(f"odsd distill: {rows} images, {d.workers} workers x batch {d.batch_size}, {spe} steps/epoch, "
+          f"{total} steps, ZeRO-{d.zero_stage} {d.dtype} on {d.device}, method {d.method}", file=sys.stderr)
+    spec["feed"] = epoch_feed({k: v for k, v in spec.items() if k != "feed"})
+    result = _fit(cfg, spec, stage.fingerprint, folder)
+    history = _collect(result, folder)
+    summary = {
+        "method": d.method, "student": d.student, "steps": history["step"], "configured_steps": total,
+        "epochs": -(-total // spe), "steps_per_epoch": spe, "rows": rows, "workers": d.workers,
+        "zero_stage": d.zero_stage, "dtype": d.dtype, "last_top1": (history["evals"][-1]["top1"] if history["evals"] else None),
+        "best_top1": (history["best"] or {}).get("top1"), "resumes": len(history["resumes"]),
+        "samples_per_s": _mean_sps(history), "seconds": round(time.perf_counter() - t0, 1),
+        "weights": str(folder / "student.safetensors"),
+    }
+    stage.finish(summary)
+    _print_summary(summary)
+    return summary
+
+
+def _check_resources(d) -> None:
+    """Training workers plus one data task must fit the cluster, else the run would wait forever."""
+    import ray
+
+    res = ray.cluster_resources()
+    need = d.workers * d.worker_cpus + d.data_cpus
+    if res.get("CPU", 0) < need:
+        raise UserError(f"distill: {d.workers} workers x worker_cpus {d.worker_cpus} + data_cpus {d.data_cpus} = "
+                        f"{need:g} CPUs, but the Ray cluster has {res.get('CPU', 0):g}: lower distill.worker_cpus "
+                        f"or distill.workers")
+    if d.device == "cuda" and res.get("GPU", 0) < d.workers:
+        raise UserError(f"distill: {d.workers} workers need {d.workers} GPUs; the Ray cluster has {res.get('GPU', 0):g}")
+
+
+def _fit(cfg: Config, spec: dict, run_fp: str, folder: Path):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_loop
+
+    d = cfg.distill
+    use_gpu = d.device == "cuda"
+    resources = {"CPU": d.worker_cpus} | ({"GPU": 1} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=spec,
+        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=d.resolved_backend()),
+        run_config=RunConfig(
+            name=f"distill-{run_fp}", storage_path=str((folder / "ray_results").resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            # Ray Train's per-report and per-checkpoint INFO lines drown the progress lines on the console
+            # (its log files keep everything); warnings and errors still show
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
+                                             "OMP_NUM_THREADS": str(spec["threads"])}},
+        ),
+    )
+    return trainer.fit()
+
+
+def _collect(result, folder: Path) -> dict:
+    """Copy the student and the loop state out of the final checkpoint; write history.json."""
+    from ..tables import atomic_write_json
+
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as ck:
+        ck = Path(ck)
+        state = json.loads((ck / "train_state.json").read_text())
+        tmp = folder / ".student.safetensors.tmp"
+        shutil.copyfile(ck / "student.safetensors", tmp)
+        tmp.replace(folder / "student.safetensors")
+    atomic_write_json(folder / "history.json", state)
+    return state
+
+
+def _mean_sps(history: dict) -> float | None:
+    vals = [h["samples_per_s"] for h in history["history"][1:]] or [h["samples_per_s"] for h in history["history"]]
+    return round(sum(vals) / len(vals), 2) if vals else None
+
+
+def _print_summary(s: dict, skipped: bool = False) -> None:
+    head = "odsd distill: already done (inputs and config unchanged)" if skipped else "odsd distill: done"
+    lines = [head, f"  {s['method']} -> {s['student']} ({s['weights']}): {s['steps']} steps ({s.get('epochs')} epochs), "
+                   f"ZeRO-{s['zero_stage']} {s['dtype']} x {s['workers']} workers"]
+    if s.get("last_top1") is not None:
+        lines.append(f"  eval top-1: last {100 * s['last_top1']:.2f}%  best {100 * s['best_top1']:.2f}%")
+    if s.get("samples_per_s"):
+        lines.append(f"  throughput {s['samples_per_s']:.1f} samples/s; resumes from checkpoints: {s['resumes']}")
+    print("\n".join(lines), file=sys.stderr)

@@ -1,0 +1,108 @@
+"""Vectorised two-view augmentation on uint8 batches, run inside Ray Data's map_batches.
+
+One `grid_sample` per view does the random-resized crop, the flip and the pad-crop for the whole
+batch at once (per-sample affine grids); colour jitter is per-sample factors on the batch tensor.
+Randomness comes from a seed built from (run seed, epoch, pass, first row id of the batch), so an
+epoch's augmentations are reproducible and differ from epoch to epoch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _grid_sample(x: torch.Tensor, theta: np.ndarray, size: int, padding: str) -> torch.Tensor:
+    grid = F.affine_grid(torch.from_numpy(theta).float(), [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def weak_view(x: torch.Tensor, rng: np.random.Generator, pad: int, flip: bool) -> torch.Tensor:
+    """Flip + pad-crop (zero padding, integer shifts of up to `pad` pixels); x float N x C x H x W in [0, 255]."""
+    n, _, h, w = x.shape
+    sx = np.where(rng.random(n) < 0.5, -1.0, 1.0) if flip else np.ones(n)
+    dx = rng.integers(-pad, pad + 1, n) if pad else np.zeros(n)
+    dy = rng.integers(-pad, pad + 1, n) if pad else np.zeros(n)
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0] = sx
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 2.0 * dx / w  # one pixel = 2/W in normalised coordinates: exact shifts
+    theta[:, 1, 2] = 2.0 * dy / h
+    return _grid_sample(x, theta, h, "zeros")
+
+
+def strong_view(x: torch.Tensor, rng: np.random.Generator, aug) -> torch.Tensor:
+    """Random-resized crop + flip + colour jitter (brightness, contrast, saturation) for the whole batch."""
+    n, c, h, w = x.shape
+    area = rng.uniform(aug.crop_scale_min, 1.0, n)
+    log_r = rng.uniform(math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]), n)
+    ratio = np.exp(log_r)
+    cw = np.clip(np.sqrt(area * ratio), 0.05, 1.0)  # crop width / image width
+    ch = np.clip(np.sqrt(area / ratio), 0.05, 1.0)
+    cx = rng.uniform(-1.0, 1.0, n) * (1.0 - cw)
+    cy = rng.uniform(-1.0, 1.0, n) * (1.0 - ch)
+    sx = np.where(rng.random(n) < 0.5, -1.0, 1.0) if aug.flip else np.ones(n)
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0] = cw * sx
+    theta[:, 1, 1] = ch
+    theta[:, 0, 2] = cx
+    theta[:, 1, 2] = cy
+    y = _grid_sample(x, theta, h, "reflection")
+    on = torch.from_numpy(rng.random(n) < aug.jitter_prob).view(n, 1, 1, 1)
+
+    def factors(strength: float) -> torch.Tensor:
+        f = rng.uniform(max(0.0, 1 - strength), 1 + strength, n)
+        return torch.from_numpy(f).float().view(n, 1, 1, 1)
+
+    if aug.brightness:
+        y = torch.where(on, y * factors(aug.brightness), y)
+    if aug.contrast:
+        grey = _grey(y).mean(dim=(1, 2, 3), keepdim=True)
+        y = torch.where(on, (y - grey) * factors(aug.contrast) + grey, y)
+    if aug.saturation and c == 3:
+        grey = _grey(y)
+        y = torch.where(on, (y - grey) * factors(aug.saturation) + grey, y)
+    return y.clamp_(0.0, 255.0)
+
+
+def _grey(y: torch.Tensor) -> torch.Tensor:
+    if y.shape[1] == 1:
+        return y
+    w = torch.tensor(_LUMA, dtype=y.dtype).view(1, 3, 1, 1)
+    return (y * w).sum(1, keepdim=True)
+
+
+def normalise(y: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[0, 255] float N x C x H x W -> (y/255 - mean)/std, the model's input statistics."""
+    c = y.shape[1]
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).expand(1, c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).expand(1, c, 1, 1)
+    return (y / 255.0 - m) / s
+
+
+def batch_rng(seed: Sequence[int], first_row: int) -> np.random.Generator:
+    return np.random.default_rng([int(s) & 0xFFFFFFFF for s in seed] + [int(first_row) & 0xFFFFFFFF])
+
+
+def augment_batch(batch: dict, *, views: int, aug, mean: Sequence[float], std: Sequence[float],
+                  seed: Sequence[int]) -> dict:
+    """Ray Data UDF: {image uint8 N x H x W x C, idx, ...} -> {weak, view0.., float32 normalised NCHW, ...}.
+
+    Other columns (weight, tgt_idx, tgt_prob, label) pass through; image and idx are dropped.
+    """
+    image = np.asarray(batch["image"])
+    idx = np.asarray(batch["idx"])
+    rng = batch_rng(seed, int(idx[0]) if len(idx) else 0)
+    if not image.flags.writeable:  # Ray Data hands read-only views of its blocks; torch wants writable memory
+        image = image.copy()
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2).float()
+    out = {k: v for k, v in batch.items() if k not in ("image", "idx", "key")}
+    out["weak"] = normalise(weak_view(x, rng, aug.weak_pad, aug.flip), mean, std).numpy()
+    for v in range(views):
+        out[f"view{v}"] = normalise(strong_view(x, rng, aug), mean, std).numpy()
+    return out

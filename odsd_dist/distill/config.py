@@ -1,0 +1,102 @@
+"""The `distill` config section: student, method and its options, data source, Ray Train + DeepSpeed knobs.
+
+Compare methods at the same `steps` and `batch_size` (METHODS.md §5): `steps` counts optimizer steps
+over all workers; epochs follow from the training-set size when `steps` is set, else `epochs` is used.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ..config import Section
+
+
+class MethodOptions(Section):
+    """Options of every registered method; each method reads the ones it knows (METHODS.md §1.3-1.4, §4)."""
+
+    tau: float = Field(4.0, gt=0)  # KD temperature (kd and odsd's L_lnkd)
+    lambda_self: float = Field(0.5, ge=0)  # weight of L_self (student self-contrast)
+    lambda_rel: float = Field(1.0, ge=0)  # weight of L_rel (teacher relations)
+    use_lnkd: bool = True  # ablation switches, one per ODSD term
+    use_self: bool = True
+    use_rel: bool = True
+    proj_dim: int = Field(128, ge=1)  # L_self projection head output
+    self_temp: float = Field(0.2, gt=0)  # NT-Xent temperature
+    rel_temp: float = Field(0.1, gt=0)  # relation softmax temperature
+    rel_conf_threshold: float = Field(0.5, ge=0, le=1)  # teacher maxprob below this down-weights a relation row
+    targets: Literal["auto", "selection", "teacher"] = "auto"  # L_lnkd targets: stored (selection) or online
+    target_topk: int = Field(3, ge=1)  # k' for online low-noise targets
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # `ce`
+
+
+class AugmentConfig(Section):
+    """Vectorised augmentation in the Ray Data pipeline (distill/augment.py)."""
+
+    crop_scale_min: float = Field(0.35, gt=0, le=1)  # random-resized crop area range [min, 1]
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.4, ge=0)
+    jitter_prob: float = Field(0.8, ge=0, le=1)
+    weak_pad: int = Field(4, ge=0)  # the weak view (teacher; `kd`/`ce` student): flip + pad-crop
+    shuffle_buffer: int = Field(1024, ge=0)  # local shuffle buffer rows per worker (0: off)
+
+
+class DistillConfig(Section):
+    student: str = "resnet8"  # models.build_model arch
+    method: str = "odsd"  # registry name: kd, odsd, ce (distill/methods)
+    options: MethodOptions = Field(default_factory=MethodOptions)
+    source: Literal["selection", "shards"] = "selection"  # the sample stage's selection, or `shards` below
+    shards: list[str] = Field(default_factory=list)  # source=shards: labelled or unlabelled tars (all keys)
+    selection: Optional[str] = None  # selection.parquet (default: <sample dir>/selection.parquet)
+    pool_shards: list[str] = Field(default_factory=list)  # the selection's tars (default: score.shards)
+    # Ray Train + DeepSpeed
+    workers: int = Field(2, ge=1)
+    # Logical CPUs reserved per training worker; workers * worker_cpus + data_cpus must fit the cluster
+    # (the defaults fit a 2-CPU laptop: 2 x 0.5 + Ray Data tasks of 0.25).
+    worker_cpus: float = Field(0.5, gt=0)
+    threads: Optional[int] = Field(None, ge=1)  # torch threads per worker (default: worker_cpus rounded up)
+    data_cpus: float = Field(0.25, gt=0)  # CPUs per Ray Data decode/augment task
+    zero_stage: int = Field(2, ge=0, le=3)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)  # peak learning rate (global batch = workers * batch_size)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up, then cosine to 0
+    grad_clip: float = Field(0.0, ge=0)  # 0: off
+    batch_size: int = Field(64, ge=2)  # per worker
+    steps: Optional[int] = Field(None, ge=1)  # total optimizer steps (takes precedence over epochs)
+    epochs: int = Field(10, ge=1)
+    epochs_per_pass: int = Field(8, ge=1)  # epochs streamed by one data pipeline before it is rebuilt
+    checkpoint_every: int = Field(200, ge=1)  # steps; an epoch end also checkpoints
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
+    eval_every_epoch: bool = True  # top-1 on eval.shards after every epoch (needs eval.shards)
+    eval_batch_size: int = Field(256, ge=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    decode_batch_size: int = Field(256, ge=1)  # rows per decode task when building train_data/
+    log_every: int = Field(20, ge=1)
+    out: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ValueError("backend nccl needs device cuda")
+        return self
+
+    def resolved_backend(self) -> str:
+        """gloo on CPU, nccl on CUDA unless set."""
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.device == "cuda" else "gloo"
+
+
+# Keys that change how a run is executed but not what it computes: left out of the stage fingerprint
+# so a rerun with, e.g., more allowed failures resumes the same run.
+RUNTIME_KEYS = ("max_failures", "log_every", "keep_checkpoints", "data_cpus", "worker_cpus", "threads",
+                "eval_batch_size", "decode_batch_size")

@@ -1,0 +1,120 @@
+"""`odsd eval`: top-1 and per-class accuracy of a model on labelled shards (METHODS.md §5).
+
+Streams the shards batch by batch (memory bounded by the batch). The teacher's accuracy on the same
+shards is reported beside the student's, cached by (teacher sha256, shard identities).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .config import Config, expand_paths
+from .errors import UserError
+from .stage import StageOutput, file_identity, fingerprint
+
+
+def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: int = 256,
+                   device: str = "cpu") -> dict:
+    """{"top1", "per_class": {class name: accuracy}, "n", "skipped"} of `model` on labelled shards."""
+    import torch
+
+    from .models import normalize
+    from .shards.labelled import iter_labelled_batches
+
+    c = int(meta["num_classes"])
+    names = list(meta.get("class_names") or [str(i) for i in range(c)])
+    correct = np.zeros(c, np.int64)
+    seen = np.zeros(c, np.int64)
+    stats: dict = {}
+    model.eval()
+    with torch.no_grad():
+        for x, y in iter_labelled_batches(list(shard_paths), size=int(meta["input_size"]),
+                                          channels=int(meta["in_chans"]), batch_size=batch_size, stats=stats,
+                                          num_classes=c):
+            pred = model(normalize(x, meta, device)).argmax(1).cpu().numpy()
+            np.add.at(seen, y, 1)
+            np.add.at(correct, y, (pred == y).astype(np.int64))
+    n = int(seen.sum())
+    return {
+        "top1": float(correct.sum() / n) if n else 0.0,
+        "per_class": {names[i]: (float(correct[i] / seen[i]) if seen[i] else None) for i in range(c)},
+        "n": n,
+        "skipped": dict(stats.get("skipped", {})),
+    }
+
+
+def _teacher_accuracy(cfg: Config, shards: list[str], folder: Path) -> Optional[dict]:
+    """The teacher's accuracy on `shards`, computed once per (teacher sha256, shards)."""
+    from .models import load_model, weights_sha256
+    from .tables import atomic_write_json
+
+    path = Path(cfg.teacher.weights)
+    if not path.is_file():
+        return None
+    sha = weights_sha256(path)
+    key = fingerprint({"teacher": sha, "shards": [file_identity(p) for p in shards]})
+    cache = folder / "teacher_cache" / f"{key}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    teacher, meta = load_model(path)
+    res = evaluate_model(teacher, meta, shards, cfg.eval.batch_size) | {"teacher_sha256": sha}
+    atomic_write_json(cache, res)
+    return res
+
+
+def run_eval(cfg: Config, weights: Optional[str] = None) -> dict:
+    """Evaluate `weights` (default: the distilled student) on eval.shards; writes eval.json; returns the summary."""
+    from .models import load_model, read_model_meta
+    from .tables import atomic_write_json
+
+    if not cfg.eval.shards:
+        raise UserError("eval.shards: no labelled evaluation shards configured")
+    shards = expand_paths(cfg.eval.shards, "eval.shards")
+    wpath = Path(weights) if weights else cfg.stage_dir("distill") / "student.safetensors"
+    if not wpath.is_file():
+        raise UserError(f"eval: model weights not found: {wpath}" + ("" if weights else " (run `odsd distill` first)"))
+    meta = read_model_meta(wpath)  # UserError when not an odsd safetensors file
+    folder = cfg.stage_dir("eval")
+    stage = StageOutput(folder, "eval", cfg.section_dict("eval"),
+                        {"weights": file_identity(wpath), "shards": [file_identity(p) for p in shards],
+                         "teacher": file_identity(cfg.teacher.weights) if Path(cfg.teacher.weights).is_file() else None})
+    rec = stage.done()
+    if rec is not None and (folder / "eval.json").is_file():
+        summary = json.loads((folder / "eval.json").read_text())
+        _print(summary)
+        return summary
+    stage.start(cfg.to_dict())
+    t0 = time.perf_counter()
+    model, meta = load_model(wpath)
+    res = evaluate_model(model, meta, shards, cfg.eval.batch_size)
+    teacher = _teacher_accuracy(cfg, shards, folder)
+    summary = {
+        "weights": str(wpath), "arch": meta.get("arch"), "top1": res["top1"], "n": res["n"],
+        "per_class": res["per_class"], "skipped": res["skipped"],
+        "teacher_top1": teacher["top1"] if teacher else None,
+        "teacher_per_class": teacher["per_class"] if teacher else None,
+        "method": meta.get("method"), "steps": meta.get("steps"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(folder / "eval.json", summary)
+    stage.finish({k: v for k, v in summary.items() if k not in ("per_class", "teacher_per_class")})
+    _print(summary)
+    return summary
+
+
+def _print(s: dict) -> None:
+    line = f"odsd eval: {s.get('arch')} top-1 {100 * s['top1']:.2f}% on {s['n']} images"
+    if s.get("teacher_top1") is not None:
+        line += f"; teacher {100 * s['teacher_top1']:.2f}%"
+    print(line, file=sys.stderr)
+    pc = s.get("per_class") or {}
+    if pc:
+        print("  per class: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in pc.items() if v is not None),
+              file=sys.stderr)

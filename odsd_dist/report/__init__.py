@@ -1,0 +1,1 @@
+"""HTML reports with PNG plots (embedded, self-contained pages)."""

@@ -1,0 +1,56 @@
+"""The `sample` config section: which method, how many images, every APS knob and the target form.
+
+Every knob has a default; unknown keys are errors (Section forbids extras). The seed is the global
+`cfg.seed` so one number fixes every stage.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import Section
+
+METHODS = ("aps", "random", "balanced-random", "maxprob", "entropy-high", "all")
+
+
+class APSConfig(Section):
+    """METHODS.md §1.2: score = a_c*z(maxprob) + a_r*z(cos to prototype) + a_e*z(-energy)."""
+
+    a_c: float = 1.0  # weight of the standardised confidence (maxprob)
+    a_r: float = 1.0  # weight of the standardised closeness to the predicted class's prototype
+    a_e: float = 1.0  # weight of the standardised negative energy
+    rounds: int = Field(2, ge=1, le=5)  # round 1: prototypes from the pool; round t+1: from round t's selection
+    prototypes_per_class: int = Field(1, ge=1, le=64)  # >1: k-means modes per class, from round 2 on
+    # Round-1 prototype rows: "all" = every row predicted as the class; "confident" = only rows with
+    # maxprob >= confident_threshold (falls back to all rows for a class that has none).
+    prototype_source: Literal["all", "confident"] = "all"
+    confident_threshold: float = Field(0.5, ge=0, le=1)
+    prototype_weight: Literal["maxprob", "uniform"] = "maxprob"  # w(x) in mu_k = normalise(sum w f)
+    kmeans_iters: int = Field(5, ge=1, le=100)
+    # Sample weight of a selected row: 1 (False) or sigmoid(score) rescaled to mean 1 over the selection.
+    weight_by_score: bool = False
+
+
+class TargetConfig(Section):
+    """METHODS.md §1.3: sparse low-noise target = softmax of the top-k' logits at temperature tau.
+
+    tau should equal distill's KD temperature (4 by default): L_lnkd compares q_T with
+    softmax(z_S / tau), so a target made at another tau is a mismatched distribution. The value used
+    is recorded in the selection metadata so distill can check it.
+    """
+
+    topk: int = Field(3, ge=1)  # k'
+    tau: float = Field(4.0, gt=0)
+
+
+class SampleConfig(Section):
+    method: Literal["aps", "random", "balanced-random", "maxprob", "entropy-high", "all"] = "aps"
+    n: int = Field(30_000, ge=1)  # images to select (ignored by `all`)
+    aps: APSConfig = Field(default_factory=APSConfig)
+    targets: TargetConfig = Field(default_factory=TargetConfig)
+    scores: Optional[str] = None  # score dir (default: cfg.stage_dir("score"))
+    batch_rows: int = Field(262_144, ge=1024)  # rows per Ray Data batch in the sampling passes
+    reshard: Optional[str] = None  # folder: also write the selected images as new training shards
+    pool_shards: list[str] = Field(default_factory=list)  # source tars for reshard (default: score.shards)
+    out: Optional[str] = None

@@ -1,0 +1,124 @@
+"""bench/quality.py end to end on tiny shards of another original domain (28x28 grey, 3 classes) and a
+tiny pool: the same command as the CIFAR-10 benchmark, only the config differs. Every row trains (one
+seed, a few steps) through the real stages on a real local Ray; the table, the JSON and the plots
+must hold every row.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures import make_labelled_shards, make_pool_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+ROWS = ["kd_pool", "kd_random", "kd_balanced_random", "kd_maxprob", "odsd", "odsd_maxprob", "odsd_full_targets",
+        "odsd_no_lnkd", "odsd_no_self", "odsd_no_rel", "oracle_kd", "scratch"]
+
+
+def tiny_config(root: Path) -> dict:
+    """Grey 28x28 original domain (train 3 x 16, test 3 x 6), a 2-shard pool with damage, a tiny teacher."""
+    train = make_labelled_shards(root / "orig" / "train", n_classes=3, per_class=16, size=28, channels=1,
+                                 n_shards=2, seed=3)
+    test = make_labelled_shards(root / "orig" / "test", n_classes=3, per_class=6, size=28, channels=1, seed=4)
+    pool = make_pool_shards(root / "pool", n_shards=2, per_shard=30, damage=True, size=28, n_classes=3, seed=5)
+    return {
+        "out": str(root / "out"),
+        "data": {"train": [train["folder"]], "test": [test["folder"]], "val_size": 0.25, "split_seed": 0},
+        "teacher": {"train": True},
+        "seeds": [0],
+        "rows": ROWS[:-1] + [{"name": "scratch", "label": "Scratch (labels)"}],
+        "tune": {"enabled": True, "rows": ["scratch"], "grid": {"distill.lr": [0.05, 0.1]}},
+        "odsd": {
+            "seed": 0,
+            "ray": {"num_cpus": 2},
+            "teacher": {"weights": str(root / "teacher" / "teacher.safetensors")},
+            "teacher_train": {"arch": "resnet8", "input_size": 28, "channels": 1, "epochs": 5, "batch_size": 16,
+                              "threads": 1, "progress": False, "eval_batch_size": 64},
+            "score": {"shards": [str(p) for p in pool["paths"]], "batch_size": 32, "decode_batch_size": 32},
+            "sample": {"n": 12},
+            # one worker (test_distill covers several), 6 steps of 4: two epochs of the N = 12 selected images
+            "distill": {"student": "resnet8", "workers": 1, "worker_cpus": 1, "data_cpus": 0.25, "threads": 1,
+                        "batch_size": 4, "steps": 6, "checkpoint_every": 100, "log_every": 2,
+                        "eval_batch_size": 64, "decode_batch_size": 64, "augment": {"shuffle_buffer": 16}},
+            "eval": {"batch_size": 64},
+        },
+        "quick": {"seeds": [0], "rows": ["kd_pool", "odsd"]},
+    }
+
+
+def test_rows_and_config_errors(tmp_path):
+    """No Ray: the registry, inline rows, and the keys every row must share."""
+    from odsd_dist.errors import UserError
+    from quality.config import load_quality_config
+    from quality.rows import known_rows
+    from quality.runner import candidates, resolve_rows
+
+    assert set(ROWS) <= set(known_rows())
+    base = {"out": str(tmp_path / "o"), "data": {"train": ["t"], "test": ["t"]},
+            "odsd": {"distill": {"steps": 4}}, "rows": ["kd_pool"]}
+
+    def load(**kw):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({**base, **kw}))
+        return load_quality_config(str(path))
+
+    qc = load(rows=["odsd", {"name": "kd3", "source": "pool", "set": ["sample.method=all", "distill.method=kd"],
+                             "grid": {"distill.lr": [0.1, 0.2]}}],
+              tune={"grid": {"distill.options.tau": [2, 4]}, "rows": ["kd3"]})
+    plans = resolve_rows(qc)
+    assert [p.row.name for p in plans] == ["odsd", "kd3"] and plans[0].grid == {}
+    assert len(candidates(plans[1].grid)) == 4 and candidates({}) == [()]
+    with pytest.raises(UserError, match="unknown row"):
+        resolve_rows(load(rows=["nope"]))
+    with pytest.raises(UserError, match="distill.steps"):
+        resolve_rows(load(rows=[{"name": "odsd", "set": ["distill.steps=9"]}]))
+    with pytest.raises(UserError, match="not tunable"):
+        resolve_rows(load(rows=["odsd"], tune={"grid": {"sample.n": [1, 2]}}))
+    with pytest.raises(UserError, match="odsd.distill.steps"):
+        load(odsd={"distill": {}})
+    with pytest.raises(UserError, match="odsd.distill.nope"):
+        load(odsd={"distill": {"steps": 4, "nope": 1}})
+
+
+def test_quality_bench_tiny_grey(ray_local, tmp_path):
+    from quality.cli import main
+
+    cfg = tiny_config(tmp_path)
+    path = tmp_path / "quality_tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["--config", str(path)]) == 0
+
+    out = Path(cfg["out"])
+    for name in ("quality.md", "quality.json", "accuracy.png", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    doc = json.loads((out / "quality.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == ROWS
+    md = (out / "quality.md").read_text()
+    for r in doc["rows"]:
+        assert f"| {r['label']} |" in md
+        assert r["test_last"]["n"] == 1 and 0.0 <= r["test_last"]["mean"] <= 1.0, r["name"]
+        assert r["steps"] == 6, r["name"]  # the same optimizer steps for every row
+        run = r["runs"][0]
+        assert run["val"]["curve"], r["name"]  # per-epoch validation accuracy from distill's history.json
+        assert run["train_curve"], r["name"]
+    by = {r["name"]: r for r in doc["rows"]}
+    # the pool is scored once and shared; `all` trains on every intact pool image, the N rows on N
+    assert by["kd_pool"]["train_images"] > by["kd_random"]["train_images"] == 12
+    assert by["oracle_kd"]["train_images"] == by["scratch"]["train_images"] == 36  # 48 minus the 12 cut for val
+    assert doc["setup"]["val_images"] == 12 and doc["setup"]["test_images"] == 18
+    # tuned on val: two candidates for scratch, the chosen one reported; the other rows use the base config
+    assert len(by["scratch"]["tuning"]["trials"]) == 2 and by["scratch"]["chosen"][0].startswith("distill.lr=")
+    assert by["odsd"]["chosen"] == [] and by["odsd"]["tuning"]["trials"] == []
+    assert by["scratch"]["label"] == "Scratch (labels)"
+    # two epochs: the student at the best validation epoch is evaluated on test too
+    assert by["kd_random"]["test_at_best_val"]["n"] == 1
+    # a rerun does no training: every stage's done.json matches
+    assert main(["--config", str(path), "--rows", "kd_random"]) == 0

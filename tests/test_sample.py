@@ -1,0 +1,265 @@
+"""The sample stage: quotas, streaming top-k, low-noise targets, every method on a real local Ray,
+hand-over to a class with no candidates, bad inputs (exit 2 before Ray), byte-identical reruns."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from odsd_dist.cli import main
+from odsd_dist.config import build_config
+from odsd_dist.sample.blocks import key_uniform
+from odsd_dist.sample.quota import class_quotas
+from odsd_dist.sample.synth import make_score_tables
+from odsd_dist.sample.targets import low_noise_targets
+from odsd_dist.sample.topk import CLS, RANK, TopKMerger, per_class_topq
+from odsd_dist.tables import SELECTION_SCHEMA, read_meta, score_schema, write_table
+
+ROWS, N, C = 6000, 1200, 10
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory):
+    """6k synthetic rows in 3 shards; class 2 never predicted, class 3 rare (hand-over)."""
+    folder = tmp_path_factory.mktemp("scores") / "score"
+    w = [1.0] * C
+    w[3] = 0.0
+    make_score_tables(folder, rows=ROWS, num_classes=C, feature_dim=16, shards=3, seed=3, class_weights=w,
+                      drop_pred=[2])
+    return folder
+
+
+def _yaml(tmp_path, doc) -> str:
+    import yaml
+
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return str(p)
+
+
+def _cfg(tmp_path, scores, method, **sample):
+    return build_config({"out": str(tmp_path), "seed": 5,
+                         "sample": {"method": method, "n": N, "scores": str(scores), "batch_rows": 1024, **sample}})
+
+
+# ------------------------------------------------------------------------------- pure parts
+
+
+def test_quota_even_and_remainder():
+    q = class_quotas(10, [100, 100, 100])
+    assert q.tolist() == [4, 3, 3]
+
+
+def test_quota_hands_over_in_proportion_to_remaining_candidates():
+    q = class_quotas(100, [0, 5, 100, 300])  # quota 25 each; 25 + 20 missing go to classes 2 and 3 as 75:275
+    assert q.sum() == 100 and q[0] == 0 and q[1] == 5
+    assert q.tolist() == [0, 5, 25 + 10, 25 + 35]  # 45 handed over: 45*75/350=9.6 -> 10, 45*275/350=35.4 -> 35
+    assert (q <= [0, 5, 100, 300]).all()
+    assert class_quotas(1000, [3, 4, 5]).tolist() == [3, 4, 5]  # N above the pool: take everything
+
+
+def test_topk_merge_is_exact_and_order_independent():
+    rng = np.random.default_rng(0)
+    n = 5000
+    keys = np.array([f"k{i:05d}" for i in rng.permutation(n)])
+    rank = np.round(rng.random(n), 2)  # many ties: the key decides
+    cls = rng.integers(0, 3, n)
+    t = pa.table({"key": keys, CLS: cls.astype(np.int32), RANK: rank})
+    quotas = np.array([50, 0, 700])
+    want = t.sort_by([(CLS, "ascending"), (RANK, "descending"), ("key", "ascending")])
+    want = pa.concat_tables([want.filter(pa.compute.equal(want[CLS], k)).slice(0, int(quotas[k])) for k in range(3)])
+    for order in (np.arange(n), rng.permutation(n)):
+        m = TopKMerger(quotas, slack=0.1, min_buffer=100)
+        tt = t.take(pa.array(order))
+        for s in range(0, n, 333):
+            m.add(per_class_topq(tt.slice(s, 333), quotas))
+        got = m.result()
+        assert got.column("key").to_pylist() == want.column("key").to_pylist()
+        assert m.peak_rows < n
+
+
+def test_low_noise_target_is_renormalised_tempered_softmax():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(4, 10)).astype(np.float32) * 3
+    order = np.argsort(-z, axis=1)
+    idx, p = low_noise_targets(order.astype(np.int32), np.take_along_axis(z, order, 1), k=3, tau=4.0)
+    full = np.exp(z / 4.0) / np.exp(z / 4.0).sum(1, keepdims=True)
+    kept = np.take_along_axis(full, order[:, :3], 1)
+    np.testing.assert_allclose(p, kept / kept.sum(1, keepdims=True), rtol=1e-5)
+    assert (idx == order[:, :3]).all() and np.allclose(p.sum(1), 1)
+
+
+def test_key_uniform_is_seeded_and_spread():
+    keys = pa.array([f"{i:09d}" for i in range(20000)] + [""])
+    u = key_uniform(keys, 1)
+    assert np.array_equal(u, key_uniform(keys, 1)) and not np.array_equal(u, key_uniform(keys, 2))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
+    assert np.array_equal(key_uniform(keys.slice(5, 10), 1), u[5:15])
+
+
+# ------------------------------------------------------------------------------- on Ray
+
+
+def _check_selection(path, method, n_expected):
+    t = pq.read_table(path)
+    assert [(f.name, f.type) for f in t.schema] == [(f.name, f.type) for f in SELECTION_SCHEMA]
+    assert t.num_rows == n_expected
+    assert len(set(t.column("key").to_pylist())) == t.num_rows
+    probs = np.array(t.column("target_prob").to_pylist())
+    assert probs.shape[1] == 3 and np.allclose(probs.sum(1), 1, atol=1e-5)
+    meta = read_meta(path)
+    assert meta["method"] == method and meta["teacher_sha256"] == "synthetic-3"
+    assert meta["config"]["seed"] == 5 and meta["targets"] == {"topk": 3, "tau": 4.0}
+    pred = t.column("pred").to_numpy()
+    keys = t.column("key").to_pylist()
+    if method != "all":
+        assert all((pred[i], keys[i]) <= (pred[i + 1], keys[i + 1]) for i in range(len(keys) - 1))
+    return t, meta
+
+
+@pytest.mark.parametrize("method", ["aps", "maxprob", "balanced-random", "random", "entropy-high", "all"])
+def test_method(ray_local, tmp_path, scores, method, capsys):
+    s = main(["sample", "--config", _yaml(tmp_path, {"out": str(tmp_path), "seed": 5, "sample": {
+        "method": method, "n": N, "scores": str(scores), "batch_rows": 1024}})])
+    assert s == 0
+    out = capsys.readouterr().out
+    assert f"method={method}" in out and "rows scanned" in out
+    done = json.loads((tmp_path / "sample" / "done.json").read_text())["summary"]
+    expected = done["pool_rows"] if method == "all" else N
+    t, meta = _check_selection(tmp_path / "sample" / "selection.parquet", method, expected)
+    per_class = np.bincount(t.column("pred").to_numpy(), minlength=C)
+    assert per_class[2] == 0  # the teacher never predicts class 2
+    if method in ("aps", "maxprob", "balanced-random"):
+        cand = np.array(meta["candidates"])
+        assert cand[2] == 0 and 0 < cand[3] < N // C  # class 3 is short: hand-over
+        assert per_class[3] == cand[3]
+        assert per_class.tolist() == meta["quotas"]
+        assert (per_class[[0, 1, 4, 5, 6, 7, 8, 9]] > N // C).all()  # others absorbed the rest
+    if method == "maxprob":  # the top maxprob per class: nothing rejected beats a selected row
+        pool = pa.concat_tables([pq.read_table(f, columns=["key", "pred", "maxprob"]) for f in sorted((scores / "scores").glob("*.parquet"))])
+        sel = set(t.column("key").to_pylist())
+        mask = np.array([k in sel for k in pool.column("key").to_pylist()])
+        mp, pr = pool.column("maxprob").to_numpy(), pool.column("pred").to_numpy()
+        for k in (0, 5):
+            assert mp[mask & (pr == k)].min() >= mp[~mask & (pr == k)].max()
+    if method == "entropy-high":
+        assert t.column("score").to_numpy().min() > 0.3
+
+
+def test_aps_knobs_and_kmeans(ray_local, tmp_path, scores):
+    from odsd_dist.sample import run_sample
+
+    cfg = _cfg(tmp_path, scores, "aps", aps={"rounds": 2, "prototypes_per_class": 3, "prototype_source": "confident",
+                                            "weight_by_score": True, "a_e": 0.5})
+    s = run_sample(cfg)
+    # k > 1 modes per class: the cosine's pool mean/std needs its own pass (rstats) before each later round
+    assert s["selected"] == N and [p["pass"] for p in s["passes"]] == ["stats", "select1", "rstats2", "select2"]
+    t = pq.read_table(tmp_path / "sample" / "selection.parquet")
+    w = t.column("weight").to_numpy()
+    assert abs(w.mean() - 1) < 1e-3 and w.std() > 0
+
+
+def test_same_inputs_and_seed_give_byte_identical_selection(ray_local, tmp_path, scores, capsys):
+    from odsd_dist.sample import run_sample
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        run_sample(_cfg(out, scores, "aps"))
+    assert (a / "sample" / "selection.parquet").read_bytes() == (b / "sample" / "selection.parquet").read_bytes()
+    capsys.readouterr()
+    run_sample(_cfg(a, scores, "aps"))  # same config and inputs: skipped via done.json
+    assert "up to date" in capsys.readouterr().out
+    # another seed changes a seeded baseline's choice
+    r1 = run_sample(_cfg(tmp_path / "r1", scores, "random"))
+    cfg = _cfg(tmp_path / "r2", scores, "random")
+    cfg.seed = 6
+    r2 = run_sample(cfg)
+    k1 = pq.read_table(r1["selection"]).column("key").to_pylist()
+    k2 = pq.read_table(r2["selection"]).column("key").to_pylist()
+    assert k1 != k2
+
+
+# ------------------------------------------------------------------------------- bad inputs: exit 2
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Bad inputs must fail before any Ray work: starting Ray is itself a test failure here."""
+    import odsd_dist.raytools
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started before the input was validated")
+
+    monkeypatch.setattr(odsd_dist.raytools, "init_ray", refuse)
+
+
+def _run_cli(tmp_path, scores_dir, capsys):
+    rc = main(["sample", "--config", _yaml(tmp_path, {"out": str(tmp_path), "sample": {"scores": str(scores_dir)}})])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("odsd: error: ")  # one line, no traceback
+    return rc, err
+
+
+def test_missing_score_dir(tmp_path, capsys, no_ray):
+    rc, err = _run_cli(tmp_path, tmp_path / "nowhere", capsys)
+    assert rc == 2 and "nowhere" in err and "score dir not found" in err
+
+
+def test_empty_score_table(tmp_path, capsys, no_ray):
+    d = tmp_path / "score"
+    meta = {"num_classes": C, "feature_dim": 8, "class_names": [str(i) for i in range(C)], "teacher_sha256": "x"}
+    write_table(score_schema(8).empty_table(), d / "scores" / "00000.parquet", meta)
+    (d / "done.json").write_text("{}")
+    rc, err = _run_cli(tmp_path, d, capsys)
+    assert rc == 2 and "hold no rows" in err and str(d) in err
+    (d / "scores" / "00000.parquet").unlink()
+    rc, err = _run_cli(tmp_path, d, capsys)
+    assert rc == 2 and "no score tables" in err
+
+
+def test_malformed_score_table(tmp_path, capsys, no_ray):
+    d = tmp_path / "score"
+    bad = pa.table({"key": ["a"], "pred": pa.array([0], pa.int64())})
+    write_table(bad, d / "scores" / "00000.parquet", {"num_classes": C, "feature_dim": 8})
+    (d / "done.json").write_text("{}")
+    rc, err = _run_cli(tmp_path, d, capsys)
+    assert rc == 2 and "wrong schema" in err and "00000.parquet" in err
+    (d / "scores" / "00000.parquet").write_bytes(b"not parquet at all")
+    rc, err = _run_cli(tmp_path, d, capsys)
+    assert rc == 2 and "not a readable Parquet file" in err
+    (d / "done.json").unlink()
+    rc, err = _run_cli(tmp_path, d, capsys)
+    assert rc == 2 and "did not finish" in err
+
+
+def test_reshard_writes_selected_images(ray_local, tmp_path, pool_shards):
+    import tarfile
+
+    from odsd_dist.sample import run_sample
+    from odsd_dist.tables import read_meta
+
+    keys = sorted(pool_shards["intact_keys"])
+    src = tmp_path / "synthetic"
+    make_score_tables(src, rows=len(keys), num_classes=3, feature_dim=8, shards=1, seed=1, provenance=False)
+    f = src / "scores" / "00000.parquet"
+    t = pq.read_table(f)
+    t = t.set_column(0, "key", pa.array(keys)).set_column(1, "shard", pa.array([k[:5] for k in keys]))
+    score = tmp_path / "score"
+    write_table(t, score / "scores" / "pool.parquet", read_meta(f))
+    (score / "done.json").write_text("{}")
+    cfg = build_config({"out": str(tmp_path), "sample": {"method": "maxprob", "n": 10, "scores": str(score),
+                                                          "reshard": str(tmp_path / "reshard"),
+                                                          "pool_shards": [pool_shards["folder"]]}})
+    s = run_sample(cfg)
+    assert s["reshard"]["written"] == 10 and s["reshard"]["missing"] == 0
+    sel = pq.read_table(s["selection"])
+    got = set()
+    for tar in sorted((tmp_path / "reshard").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            got |= {m.name.split(".", 1)[0] for m in tf.getmembers()}
+        side = pq.read_table(tar.with_suffix(".parquet"))
+        assert set(side.column("key").to_pylist()) <= set(sel.column("key").to_pylist())
+    assert got == set(sel.column("key").to_pylist())
