@@ -53,3 +53,13 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+# Tests that start their own multi-node Ray cluster with token authentication. Ray caches the auth mode
+# per process, so once they have run, a plain local `ray.init` in the same process fails with
+# InvalidAuthToken. They run last here, and `.ci/test` gives them a pytest process of their own.
+OPS_MODULES = ("test_cluster.py", "test_prometheus.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name in OPS_MODULES)  # stable: keeps the order within each group
