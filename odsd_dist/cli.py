@@ -130,6 +130,52 @@ examples:
   odsd sample --config my.yaml --set sample.aps.rounds=3 --reshard runs/my/train_shards
   odsd report sampling --config my.yaml --provenance provenance.parquet
 """
+DISTILL_EPILOG = """Trains distill.student from the frozen teacher (teacher.weights) on the sample stage's selection
+(or on distill.shards) with Ray Train (distill.workers workers, gloo on CPU, NCCL on GPU) and one DeepSpeed
+engine per worker (ZeRO stage distill.zero_stage, 0-3). Checkpoints every distill.checkpoint_every steps and
+at every epoch end; a failed worker group restarts from the latest one (distill.max_failures), and a rerun
+after a crash continues the same run. Evaluates on eval.shards after every epoch.
+
+methods (distill.method; METHODS.md 1.3-1.4, 4):
+  odsd   low-noise KD on the selection's sparse targets + student self-contrast (two views) + teacher
+         relations (default); ablate with options.use_lnkd|use_self|use_rel=false, weigh with
+         options.lambda_self (0.5) and options.lambda_rel (1)
+  kd     Hinton KD on the teacher's full soft targets at options.tau (4)
+  ce     cross-entropy from labels (distill.source=shards with labelled shards; the scratch baseline)
+
+config keys (distill.*, defaults):
+  student=resnet8  method=odsd  workers=2  zero_stage=2  dtype=fp32|bf16  device=cpu|cuda
+  optimizer=sgd|adamw  lr=0.05  batch_size=64 (per worker)  steps=(epochs x steps per epoch)  epochs=10
+  checkpoint_every=200  max_failures=3  eval_every_epoch=true  worker_cpus=0.5  data_cpus=0.25
+  source=selection|shards  selection=<out>/sample/selection.parquet  out=<out>/distill
+
+writes: student.safetensors (student only, with metadata), history.json (loss terms, eval per epoch,
+best, resumes), ray_results/ (the Ray Train run and its DeepSpeed checkpoints), done.json
+
+examples:
+  odsd distill --config my.yaml --set distill.zero_stage=3 --set distill.workers=4
+  odsd distill --config my.yaml --set distill.method=kd --set distill.steps=2000
+  odsd distill --config my.yaml --set distill.options.use_rel=false        # an ablation
+"""
+EVAL_EPILOG = """Top-1 and per-class accuracy on eval.shards (labelled WebDataset shards: KEY.jpg + KEY.cls or a
+label in KEY.json), streamed batch by batch, with the teacher's (teacher.weights) accuracy on the same
+shards beside it. `odsd distill` also runs it after every epoch (history.json keeps the last and the best).
+
+writes: <out>/eval/eval.json (top1, per_class, n, teacher_top1, teacher_per_class), done.json
+
+examples:
+  odsd eval --config my.yaml                                        # the distilled student
+  odsd eval --config my.yaml --weights runs/other/distill/student.safetensors
+"""
+RUN_EPILOG = """Chains score -> sample -> distill -> eval from one config. Every section is checked first (a bad
+key or path is exit code 2 before any Ray work); each stage skips itself when its done.json matches its
+inputs and config, so a rerun after an interruption continues where it stopped. Ends with the student's
+top-1 beside the teacher's and the time of each stage.
+
+examples:
+  odsd teacher train && odsd run            # the demo (odsd_dist/configs/demo.yaml, from the repository root)
+  odsd run --config my.yaml --set sample.n=30000 --set distill.zero_stage=3
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
               SAMPLE_EPILOG)
     p.add_argument("--reshard", metavar="DIR", help="also write the selected images as new training shards "
                    "into DIR (same as --set sample.reshard=DIR; pool tars from sample.pool_shards or score.shards)")
-    stage("distill", cmd_distill, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors")
-    p = stage("eval", cmd_eval, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json")
+    stage("distill", cmd_distill, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors",
+          DISTILL_EPILOG)
+    p = stage("eval", cmd_eval, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json",
+              EVAL_EPILOG)
     p.add_argument("--weights", help="model to evaluate (default: the distilled student)")
-    stage("run", cmd_run, "score, sample, distill and eval, chained, skipping finished stages")
+    stage("run", cmd_run, "score, sample, distill and eval, chained, skipping finished stages", RUN_EPILOG)
 
     teacher = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_cmd", metavar="ACTION")
     teacher.required = True

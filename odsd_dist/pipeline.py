@@ -1,13 +1,27 @@
 """`odsd run`: score -> sample -> distill -> eval from one config, and nothing else.
 
-Each stage skips itself when its done.json matches its inputs and config, so a rerun resumes.
+Every check that needs no stage output runs first, so a bad key or path in any section fails with exit
+code 2 before any Ray work. Each stage skips itself when its done.json matches its inputs and config,
+so a rerun resumes.
 """
 from __future__ import annotations
 
 import sys
 import time
 
-from .config import Config
+from .config import Config, expand_paths
+from .errors import UserError
+
+
+def check_all(cfg: Config) -> None:
+    """Stage-independent checks of every section `odsd run` will use (no Ray)."""
+    from .distill import check_config
+
+    expand_paths(cfg.score.shards, "score.shards")
+    if not cfg.eval.shards:
+        raise UserError("eval.shards: no labelled evaluation shards configured (odsd run ends with eval)")
+    expand_paths(cfg.eval.shards, "eval.shards")
+    check_config(cfg)  # distill: method, options, student, teacher.weights, sizes
 
 
 def run_all(cfg: Config) -> dict:
@@ -16,18 +30,26 @@ def run_all(cfg: Config) -> dict:
     from .sample import run_sample
     from .score import run_score
 
+    check_all(cfg)
     t0 = time.perf_counter()
-    out = {}
+    out: dict = {"stage_seconds": {}}
     for name, fn in (("score", run_score), ("sample", run_sample), ("distill", run_distill), ("eval", run_eval)):
-        print(f"\n=== odsd run: {name} ===", file=sys.stderr)
+        print(f"\n=== odsd run: {name} ===", file=sys.stderr, flush=True)
+        ts = time.perf_counter()
         out[name] = fn(cfg)
-    out["seconds"] = time.perf_counter() - t0
+        out["stage_seconds"][name] = round(time.perf_counter() - ts, 1)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     ev = out["eval"] or {}
     student, teacher = ev.get("top1"), ev.get("teacher_top1")
-    print("\nodsd run — finished in %.0f s" % out["seconds"], file=sys.stderr)
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in out["stage_seconds"].items())
+    lines = [f"\nodsd run: finished in {out['seconds']:.0f} s ({times})"]
     if student is not None:
-        line = f"  student top-1 {100 * student:.2f}%"
+        d = cfg.distill
+        line = f"  student {ev.get('arch')} top-1 {100 * student:.2f}%"
         if teacher is not None:
             line += f"   teacher top-1 {100 * teacher:.2f}%"
-        print(line, file=sys.stderr)
+        lines.append(line + f"   on {ev.get('n')} images of eval.shards")
+        sel = "the whole pool" if cfg.sample.method == "all" else f"the {cfg.sample.method} selection (N={cfg.sample.n})"
+        lines.append(f"  ({d.method} on {sel}, {d.workers} workers, ZeRO-{d.zero_stage}; {ev.get('weights')})")
+    print("\n".join(lines), file=sys.stderr, flush=True)
     return out

@@ -8,6 +8,7 @@ fingerprint) under `<distill>/ray_results` and continues from its latest checkpo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -17,35 +18,63 @@ from ..config import Config, expand_paths
 from ..errors import UserError
 from ..stage import StageOutput, file_identity
 
-__all__ = ["run_distill"]
+__all__ = ["check_config", "run_distill"]
 
 
-def _plan(cfg: Config) -> dict:
-    """Validate the config and inputs (no Ray); returns what the run needs."""
-    from ..models import read_model_meta, weights_sha256
-    from ..tables import read_meta
-    from .config import RUNTIME_KEYS
+def check_config(cfg: Config) -> dict:
+    """The checks that need no stage output (no Ray): method and options, student, teacher, device, sizes.
+
+    `odsd run` calls it before the first stage starts, so a bad distill key fails before any Ray work.
+    Returns {"method": class, "teacher_meta": dict}.
+    """
+    from ..models import ARCHS, read_model_meta
     from .methods import method_class
 
     d = cfg.distill
     mcls = method_class(d.method)
-    # methods validate their own options when built (e.g. odsd with every term off)
-    mcls(d.options, 8, 8, 2)
-    tpath = Path(cfg.teacher.weights)
-    tmeta = read_model_meta(tpath)
-    from ..models import ARCHS
-
+    mcls(d.options, 8, 8, 2)  # methods validate their own options when built (e.g. odsd with every term off)
     if d.student not in ARCHS and not d.student.startswith("timm:"):
         raise UserError(f"distill.student: unknown arch {d.student!r}; known: {', '.join(ARCHS)}")
+    try:
+        tmeta = read_model_meta(Path(cfg.teacher.weights))
+    except UserError as e:
+        raise UserError(f"teacher.weights: {e}") from None
     if d.device == "cuda":
         import torch
 
         if not torch.cuda.is_available() and cfg.ray.address is None:
             raise UserError("distill.device=cuda but no CUDA device is visible (set distill.device=cpu)")
+    if d.source == "selection" and mcls.needs_labels:
+        raise UserError(f"distill.method={d.method} needs labels: set distill.source=shards with labelled shards")
+    if d.source == "shards":
+        if not d.shards:
+            raise UserError("distill.shards: source=shards needs the shards to train on")
+        expand_paths(d.shards, "distill.shards")
+    if d.eval_every_epoch and cfg.eval.shards:
+        expand_paths(cfg.eval.shards, "eval.shards")
+    ray_mod = sys.modules.get("ray")
+    joined = ray_mod is not None and ray_mod.is_initialized()  # an already running Ray is checked in run_distill
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS") and not joined:  # a local Ray to be started
+        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        need = d.workers * d.worker_cpus + d.data_cpus
+        if need > cpus:
+            raise UserError(f"distill.workers: {d.workers} workers x worker_cpus {d.worker_cpus} + data_cpus "
+                            f"{d.data_cpus} = {need:g} CPUs, more than the local Ray's {cpus} (ray.num_cpus)")
+    return {"method": mcls, "teacher_meta": tmeta}
+
+
+def _plan(cfg: Config) -> dict:
+    """Validate the config and inputs (no Ray); returns what the run needs."""
+    from ..models import weights_sha256
+    from ..tables import read_meta
+    from .config import RUNTIME_KEYS
+
+    d = cfg.distill
+    checked = check_config(cfg)
+    mcls, tmeta = checked["method"], checked["teacher_meta"]
+    tpath = Path(cfg.teacher.weights)
     selection, shard_paths = None, []
     if d.source == "selection":
-        if mcls.needs_labels:
-            raise UserError(f"distill.method={d.method} needs labels: set distill.source=shards with labelled shards")
         selection = Path(d.selection) if d.selection else cfg.stage_dir("sample") / "selection.parquet"
         if not selection.is_file():
             raise UserError(f"distill: selection not found: {selection} (run `odsd sample` first, or set distill.selection)")
@@ -67,8 +96,6 @@ def _plan(cfg: Config) -> dict:
             raise UserError(f"distill: the selection {selection} is empty")
         shard_paths = resolve_pool_shards(wanted, pool_paths)
     else:
-        if not d.shards:
-            raise UserError("distill.shards: source=shards needs the shards to train on")
         shard_paths = expand_paths(d.shards, "distill.shards")
     eval_shards = expand_paths(cfg.eval.shards, "eval.shards") if (d.eval_every_epoch and cfg.eval.shards) else []
     config = {k: v for k, v in cfg.section_dict("distill").items() if k not in RUNTIME_KEYS and k != "out"}
