@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from odsd_dist.config import _set_path, build_config, format_validation_error, load_raw, parse_override
 from odsd_dist.errors import UserError
@@ -67,6 +67,7 @@ class QualityConfig(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     quick: dict = Field(default_factory=dict)  # a partial config merged over this one by --quick
     mode: Literal["full", "quick"] = "full"  # set by the command line
+    _left_out: list = PrivateAttr(default_factory=list)  # full-mode rows that --quick leaves out (for the report)
 
     @field_validator("seeds")
     @classmethod
@@ -89,6 +90,7 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 def load_quality_config(path: str, quick: bool = False, overrides: list[str] = ()) -> QualityConfig:
     raw = load_raw(path)
+    full_rows = [r if isinstance(r, str) else (r or {}).get("name") for r in raw.get("rows") or []]
     if quick:
         q = raw.get("quick") or {}
         if not isinstance(q, dict):
@@ -102,6 +104,8 @@ def load_quality_config(path: str, quick: bool = False, overrides: list[str] = (
         cfg = QualityConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(format_validation_error(e)) from None
+    kept = {r if isinstance(r, str) else r.name for r in cfg.rows}
+    cfg._left_out = [r for r in full_rows if r not in kept] if quick else []
     try:
         build_config(cfg.odsd)  # the base odsd config must be valid on its own: errors name the key
     except UserError as e:

@@ -101,7 +101,10 @@ def markdown(doc: dict) -> str:
              f"pool {s['pool_rows'] if s['pool_rows'] is None else format(s['pool_rows'], ',')} scored images; "
              f"seeds {s['seeds']}",
              f"- splits: train {s['train_images']}, validation {s['val_images']} (hyper-parameters and best epoch), "
-             f"test {s['test_images']} (reported once per configuration)", ""]
+             f"test {s['test_images']} (reported once per configuration)"]
+    if doc.get("left_out_rows"):
+        lines.append(f"- quick mode leaves out the rows: {', '.join(doc['left_out_rows'])}")
+    lines.append("")
     lines += ["| row | train images | test top-1 % (last) | test top-1 % (best-val epoch) | val top-1 % (best) | "
               "wall s | images/s | chosen on val |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -244,6 +247,7 @@ def write_report(raw: dict, qc, command: str, root: Path) -> dict:
             "test_images": test_n, "splits": {k: sp.get(k) for k in ("train", "val", "test")},
         },
         "rows": rows, "targets": targets(rows), "config": qc.model_dump(),
+        "left_out_rows": list(qc._left_out),
     }
     out = Path(qc.out)
     atomic_write_json(out / "quality.json", doc)
