@@ -123,6 +123,7 @@ config keys (sample.*, defaults):
   method=aps  n=30000  scores=<out>/score  out=<out>/sample  batch_rows=262144
   aps.a_c=1 aps.a_r=1 aps.a_e=1 aps.rounds=2 aps.prototypes_per_class=1 aps.kmeans_iters=5
   aps.prototype_source=all|confident aps.confident_threshold=0.5 aps.prototype_weight=maxprob|uniform
+  aps.center=true (prototypes centred on the pool's mean feature)
   aps.weight_by_score=false  targets.topk=3 targets.tau=4  reshard=DIR pool_shards=[tars]  (seed: top-level)
 
 examples:

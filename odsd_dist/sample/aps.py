@@ -113,14 +113,22 @@ class PoolStats:
     sum_wf: np.ndarray
     sum_w: np.ndarray
     sum_cwf: Optional[np.ndarray]
+    sum_cw: Optional[np.ndarray]
     m2: Optional[np.ndarray]  # (C, d, d) or None
 
-    def prototypes(self, source: str) -> np.ndarray:
-        """Round-1 prototypes (C, 1, d): normalised confidence-weighted class means."""
-        s = self.sum_wf
+    def mean_feature(self) -> np.ndarray:
+        """The pool's mean feature (d,)."""
+        return self.sum_f.sum(axis=0) / max(self.n, 1)
+
+    def prototypes(self, source: str, center: bool) -> np.ndarray:
+        """Round-1 prototypes (C, 1, d): normalised confidence-weighted class means, minus the pool mean if center."""
+        s, w = self.sum_wf, self.sum_w
         if source == "confident" and self.sum_cwf is not None:
             has = np.linalg.norm(self.sum_cwf, axis=1) > 0
             s = np.where(has[:, None], self.sum_cwf, self.sum_wf)
+            w = np.where(has, self.sum_cw, self.sum_w)
+        if center:  # sum w (f - m) = sum w f - (sum w) m
+            s = s - w[:, None] * self.mean_feature()[None, :]
         return _normalise(s)[:, None, :]
 
     def cosine_stats(self, protos: np.ndarray) -> tuple[float, float]:
@@ -161,6 +169,7 @@ def stats_pass(files, c, d, cfg: APSConfig, batch_rows: int, timer: PassTimer, r
         ne_std=_std(ne[0], ne[1], n), sum_f=from_fixed(acc["sum_f"], S_F).reshape(c, d),
         sum_wf=from_fixed(acc["sum_wf"], S_F).reshape(c, d), sum_w=from_fixed(acc["sum_w"], S_P),
         sum_cwf=from_fixed(acc["sum_cwf"], S_F).reshape(c, d) if "sum_cwf" in acc else None,
+        sum_cw=from_fixed(acc["sum_cw"], S_P) if "sum_cw" in acc else None,
         m2=from_fixed(acc["m2"], S_FF).reshape(c, d, d) if "m2" in acc else None,
     )
 
@@ -228,7 +237,7 @@ def rstats_pass(files, d, protos, batch_rows, timer, rows, name) -> tuple[float,
 
 
 def _kmeans(x: np.ndarray, w: np.ndarray, m: int, iters: int, seed: int) -> np.ndarray:
-    """Spherical weighted k-means (cosine), deterministic given the row order and seed."""
+    """Spherical weighted k-means (cosine), deterministic given the row order and seed (x: centred if center)."""
     rng = np.random.default_rng(seed)
     init = rng.choice(len(x), size=m, replace=len(x) < m)
     cent = x[init].copy()
@@ -242,12 +251,17 @@ def _kmeans(x: np.ndarray, w: np.ndarray, m: int, iters: int, seed: int) -> np.n
     return cent
 
 
-def next_prototypes(cand: pa.Table, prev: np.ndarray, d: int, cfg: APSConfig, seed: int) -> np.ndarray:
-    """Prototypes from the rows just selected (sorted by class, rank, key); a class with none keeps its old one."""
+def next_prototypes(cand: pa.Table, prev: np.ndarray, d: int, cfg: APSConfig, seed: int,
+                    mean: Optional[np.ndarray] = None) -> np.ndarray:
+    """Prototypes from the rows just selected (sorted by class, rank, key); a class with none keeps its old one.
+
+    With `mean` (the pool's mean feature) the selected features are centred on it first."""
     c = prev.shape[0]
     m = cfg.prototypes_per_class
     pred = col_np(cand, "pred", np.int64)
     f = features_np(cand, d)
+    if mean is not None:
+        f = (f.astype(np.float64) - mean[None, :]).astype(np.float32)
     w = col_np(cand, "maxprob", np.float32) if cfg.prototype_weight == "maxprob" else np.ones(len(pred), np.float32)
     out = np.repeat(prev[:, :1, :], m, axis=1) if prev.shape[1] != m else prev.copy()
     for k in range(c):
@@ -269,7 +283,8 @@ def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int,
     """APS over the score files: (candidates sorted by class/score/key with FINAL_PAYLOAD + _cls/_rank, info)."""
     stats = stats_pass(files, c, d, cfg, batch_rows, timer, rows)
     quotas = class_quotas(n, stats.counts)
-    protos = stats.prototypes(cfg.prototype_source)
+    protos = stats.prototypes(cfg.prototype_source, cfg.center)
+    mean = stats.mean_feature() if cfg.center else None
     info = {"candidates": stats.counts.tolist(), "quotas": quotas.tolist(), "rounds": []}
     cand = None
     for t in range(1, cfg.rounds + 1):
@@ -290,6 +305,6 @@ def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int,
         info["rounds"].append({"round": t, "z": {k: round(float(v), 6) for k, v in z.items()},
                                "prototypes": int(protos.shape[1]), "buffer_peak_rows": merger.peak_rows})
         if not last:
-            protos = next_prototypes(cand, protos, d, cfg, seed)
+            protos = next_prototypes(cand, protos, d, cfg, seed, mean)
     info["z"] = info["rounds"][-1]["z"]
     return cand, info

@@ -27,6 +27,10 @@ class APSConfig(Section):
     prototype_source: Literal["all", "confident"] = "all"
     confident_threshold: float = Field(0.5, ge=0, le=1)
     prototype_weight: Literal["maxprob", "uniform"] = "maxprob"  # w(x) in mu_k = normalise(sum w f)
+    # Centre the prototypes on the pool's mean feature: mu_k = normalise(sum w (f - f_pool)). Penultimate
+    # features share one large common direction, so the uncentred class mean mostly points at it and the
+    # cosine ranks "typical pool image" rather than "typical class k" (docs/RESULTS.md, sampling).
+    center: bool = True
     kmeans_iters: int = Field(5, ge=1, le=100)
     # Sample weight of a selected row: 1 (False) or sigmoid(score) rescaled to mean 1 over the selection.
     weight_by_score: bool = False
