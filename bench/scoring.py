@@ -168,7 +168,9 @@ def main() -> None:
     ap.add_argument("--forward-images", type=int, default=20000)
     ap.add_argument("--json", default="bench/results/scoring.json")
     ap.add_argument("--keep", default="", help="move the full run's score folder here (e.g. runs/cifar10/score)")
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for odsd score")
+    ap.add_argument("--set", dest="extra", action="append", default=None,
+                    help="extra --set for odsd score (default: score.actor_cpus=1.5, i.e. a 2-thread teacher "
+                         "actor beside 0.5 CPU of decoding on the 2 CPUs the bench gives Ray)")
     args = ap.parse_args()
     shards = sorted(glob.glob(os.path.join(args.pool, "*.tar")))
     if not shards:
@@ -176,10 +178,12 @@ def main() -> None:
     cores = os.cpu_count() or 1
     _, meta = load_model(args.teacher)
     size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
+    args.extra = ["score.actor_cpus=1.5"] if args.extra is None else args.extra
     extra = sum((["--set", e] for e in args.extra), [])
     res = {"machine": {"cores": cores, "python": platform.python_version(), "torch": torch.__version__,
                        "cpu": platform.processor() or platform.machine()},
-           "pool": args.pool, "shards": len(shards), "batch": args.batch, "teacher_arch": meta["arch"]}
+           "pool": args.pool, "shards": len(shards), "batch": args.batch, "teacher_arch": meta["arch"],
+           "odsd_score_set": args.extra}
     print(f"[1/5] decode only ({cores} processes)", file=sys.stderr)
     res["decode_only"] = decode_only(shards, size, channels, cores)
     print("[2/5] teacher forward only", file=sys.stderr)

@@ -71,6 +71,9 @@ class ScoreConfig(Section):
     decode_batch_size: int = Field(256, ge=1)
     actors: int = Field(1, ge=1)  # teacher-scoring actor pool size
     actor_cpus: float = Field(1.0, gt=0)
+    # torch threads per scoring actor (default: actor_cpus rounded up). Ray's CPU count is a reservation,
+    # not a limit: on a 2-core node actor_cpus=1.5 + decode_cpus=0.5 runs a 2-thread teacher beside decoding.
+    threads: Optional[int] = Field(None, ge=1)
     decode_cpus: float = Field(0.5, gt=0)  # read+decode tasks; differs from actor_cpus so Ray does not fuse them into the actor
     block_mb: float = Field(1.0, gt=0)  # Ray Data block size target: small blocks keep decode and scoring pipelined
     num_gpus: float = Field(0.0, ge=0)  # per actor

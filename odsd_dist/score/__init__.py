@@ -5,6 +5,7 @@ Parquet (scores + quarantine) written atomically with a ledger, so reruns skip f
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -147,7 +148,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         num_cpus=sc.actor_cpus, num_gpus=sc.num_gpus or None,
         fn_constructor_kwargs={"weights": os.path.abspath(cfg.teacher.weights), "device": sc.device, "dtype": sc.dtype,
                                "topk": p["topk"], "feature_dim": sc.feature_dim, "seed": cfg.seed,
-                               "threads": max(1, int(sc.actor_cpus))},
+                               "threads": sc.threads or max(1, math.ceil(sc.actor_cpus))},
     )
     projection = None
     if p["teacher"]["feature_dim"] > sc.feature_dim:
