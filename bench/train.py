@@ -158,7 +158,7 @@ def _distill_config(args, scratch: Path, inp: dict):
         "seed": 0, "out": str(scratch / "run"), "ray": {"num_cpus": 2},
         "teacher": {"weights": inp["teacher"]}, "score": {"shards": [args.pool]},
         "distill": {"student": args.student, "method": args.method, "selection": inp["selection"],
-                    "workers": 2, "worker_cpus": 0.75, "data_cpus": 0.25, "threads": 1, "zero_stage": 2,
+                    "workers": 2, "worker_cpus": 0.5, "data_cpus": 0.25, "threads": 1, "zero_stage": 2,
                     "dtype": "fp32", "batch_size": args.batch, "steps": args.steps, "checkpoint_every": 10_000,
                     "eval_every_epoch": False, "log_every": 5, "optimizer": "sgd", "lr": 0.05}})
 

@@ -56,10 +56,14 @@ def check_config(cfg: Config) -> dict:
     joined = ray_mod is not None and ray_mod.is_initialized()  # an already running Ray is checked in run_distill
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS") and not joined:  # a local Ray to be started
         cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-        need = d.workers * d.worker_cpus + d.data_cpus
+        # Ray Data's read_parquet runs its file listing (V2) or metadata sampling (V1) as tasks that ask
+        # for one whole CPU: with less than 1 CPU left beside the workers, every epoch's read waits forever.
+        need = d.workers * d.worker_cpus + max(d.data_cpus, 1.0)
         if need > cpus:
-            raise UserError(f"distill.workers: {d.workers} workers x worker_cpus {d.worker_cpus} + data_cpus "
-                            f"{d.data_cpus} = {need:g} CPUs, more than the local Ray's {cpus} (ray.num_cpus)")
+            raise UserError(f"distill.worker_cpus: {d.workers} workers x worker_cpus {d.worker_cpus} = "
+                            f"{d.workers * d.worker_cpus:g} CPUs leaves less than the 1 CPU Ray Data needs to read "
+                            f"the training data, of the local Ray's {cpus} (ray.num_cpus); lower distill.worker_cpus "
+                            f"(a reservation, not a limit: each worker still runs distill.threads threads)")
     return {"method": mcls, "teacher_meta": tmeta}
 
 

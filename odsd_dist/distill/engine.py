@@ -43,6 +43,10 @@ def ds_config(dcfg, world: int) -> dict:
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
         "bf16": {"enabled": dcfg.dtype == "bf16"},
+        # DeepSpeed >= 0.19 casts only the parameters to bf16 and keeps buffers at their dtype: BatchNorm
+        # then gets bf16 weights beside fp32 running statistics, which torch's batch_norm rejects. Cast
+        # the buffers too (what module.bfloat16() did); the exported student converts them back to fp32.
+        **({"data_types": {"buffer_dtype": "bf16"}} if dcfg.dtype == "bf16" else {}),
         "gradient_clipping": dcfg.grad_clip,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
