@@ -84,7 +84,27 @@ def build_engine(module: nn.Module, dcfg, world: int, total_steps: int):
         model=module, optimizer=opt, config=ds_config(dcfg, world),
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor),
     )
+    _share_fp32_partitions(engine)
     return engine
+
+
+def _share_fp32_partitions(engine) -> None:
+    """ZeRO-3 in fp32: let the optimizer update the module's own parameter partition in place.
+
+    DeepSpeed 0.19 means to skip its fp32 master copy when the partition is already fp32 on the right
+    device, but compares `tensor.device` with the device *string*, which is never equal, so every fp32
+    run carries a second copy of its partition (docs/BENCHMARKS.md, "ZeRO memory"). Re-pointing the
+    master tensor at the partition's storage is what that branch does: the optimizer object, its state
+    keys and the checkpoint layout stay the same; the copy back after each step becomes a no-op.
+    """
+    opt = engine.optimizer
+    masters, parts = getattr(opt, "fp32_partitioned_groups_flat", None), getattr(opt, "fp16_partitioned_groups_flat", None)
+    if not masters or not parts or len(masters) != len(parts):
+        return
+    for m, p in zip(masters, parts):
+        if (m.dtype == p.dtype == torch.float32 and m.device == p.device and m.numel() == p.numel()
+                and m.data_ptr() != p.data_ptr()):
+            m.data = p.data
 
 
 def full_student_state(engine) -> dict[str, torch.Tensor]:
