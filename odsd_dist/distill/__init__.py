@@ -25,7 +25,8 @@ def check_config(cfg: Config) -> dict:
     """The checks that need no stage output (no Ray): method and options, student, teacher, device, sizes.
 
     `odsd run` calls it before the first stage starts, so a bad distill key fails before any Ray work.
-    Returns {"method": class, "teacher_meta": dict}.
+    Returns {"method": class, "teacher_meta": dict, "shards": [...], "eval_shards": [...]} (the expanded
+    distill.shards for source=shards, and eval.shards when evaluated every epoch; else []).
     """
     from ..models import ARCHS, read_model_meta
     from .methods import method_class
@@ -46,12 +47,12 @@ def check_config(cfg: Config) -> dict:
             raise UserError("distill.device=cuda but no CUDA device is visible (set distill.device=cpu)")
     if d.source == "selection" and mcls.needs_labels:
         raise UserError(f"distill.method={d.method} needs labels: set distill.source=shards with labelled shards")
+    shards = []
     if d.source == "shards":
         if not d.shards:
             raise UserError("distill.shards: source=shards needs the shards to train on")
-        expand_paths(d.shards, "distill.shards")
-    if d.eval_every_epoch and cfg.eval.shards:
-        expand_paths(cfg.eval.shards, "eval.shards")
+        shards = expand_paths(d.shards, "distill.shards")
+    eval_shards = expand_paths(cfg.eval.shards, "eval.shards") if (d.eval_every_epoch and cfg.eval.shards) else []
     ray_mod = sys.modules.get("ray")
     joined = ray_mod is not None and ray_mod.is_initialized()  # an already running Ray is checked in run_distill
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS") and not joined:  # a local Ray to be started
@@ -64,7 +65,7 @@ def check_config(cfg: Config) -> dict:
                             f"{d.workers * d.worker_cpus:g} CPUs leaves less than the 1 CPU Ray Data needs to read "
                             f"the training data, of the local Ray's {cpus} (ray.num_cpus); lower distill.worker_cpus "
                             f"(a reservation, not a limit: each worker still runs distill.threads threads)")
-    return {"method": mcls, "teacher_meta": tmeta}
+    return {"method": mcls, "teacher_meta": tmeta, "shards": shards, "eval_shards": eval_shards}
 
 
 def _plan(cfg: Config) -> dict:
@@ -100,8 +101,8 @@ def _plan(cfg: Config) -> dict:
             raise UserError(f"distill: the selection {selection} is empty")
         shard_paths = resolve_pool_shards(wanted, pool_paths)
     else:
-        shard_paths = expand_paths(d.shards, "distill.shards")
-    eval_shards = expand_paths(cfg.eval.shards, "eval.shards") if (d.eval_every_epoch and cfg.eval.shards) else []
+        shard_paths = checked["shards"]
+    eval_shards = checked["eval_shards"]
     config = {k: v for k, v in cfg.section_dict("distill").items() if k not in RUNTIME_KEYS and k != "out"}
     sha = weights_sha256(tpath)
     inputs = {"teacher_sha256": sha, "seed": cfg.seed,
