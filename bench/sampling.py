@@ -1,8 +1,8 @@
 """Sampling benchmark: `odsd sample` (APS by default) on synthetic score tables of 1M and 10M rows.
 
-Each size runs in a fresh subprocess, so peak RSS is per size: the driver's (ru_maxrss) and the Ray
-workers' (polled every 0.2 s with psutil: the largest single worker and the largest sum over
-workers). Synthetic tables: C = 10 classes, feature_dim = 64 (the CIFAR-10 teacher's), written
+Each size runs in a fresh subprocess, so peak RSS is per size: the driver's (ru_maxrss) and the
+largest Ray worker's (polled every 0.2 s, bench/rss.py), each also as RssAnon (the process's own heap,
+without the pages of Ray's shared-memory object store it has mapped and touched). Synthetic tables: C = 10 classes, feature_dim = 64 (the CIFAR-10 teacher's), written
 shard by shard (100k rows per file, like many score shards: every size reads the same-sized
 files and both cores get work) and reused when already there; generation is timed separately.
 
@@ -30,12 +30,14 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from rss import TreeRSS  # noqa: E402
 
 
 def _data_dir(base: Path, rows: int, shard_rows: int, seed: int) -> Path:
@@ -61,36 +63,6 @@ def generate(base: Path, rows: int, shard_rows: int, seed: int) -> dict:
     return {"folder": str(folder), "seconds": round(float(p.stdout.strip().splitlines()[-1]), 2), "reused": False}
 
 
-class WorkerRSS(threading.Thread):
-    """Polls the RSS of this driver and of every Ray worker process (`ray::...`) of this session."""
-
-    def __init__(self, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.interval, self.stop, self.max_one, self.max_sum, self.driver = interval, threading.Event(), 0, 0, 0
-
-    def run(self):
-        import psutil
-
-        me = psutil.Process()
-        while not self.stop.is_set():
-            self.driver = max(self.driver, me.memory_info().rss)
-            total = 0
-            try:
-                kids = me.children(recursive=True)
-            except psutil.Error:
-                kids = []
-            for p in kids:
-                try:
-                    if p.name().startswith("ray::") or any(a.startswith("ray::") for a in p.cmdline()[:1]):
-                        rss = p.memory_info().rss
-                        total += rss
-                        self.max_one = max(self.max_one, rss)
-                except psutil.Error:
-                    pass
-            self.max_sum = max(self.max_sum, total)
-            self.stop.wait(self.interval)
-
-
 def child(args) -> None:
     """One measured run in this (fresh) process; prints one JSON line."""
     import ray
@@ -99,28 +71,30 @@ def child(args) -> None:
     from odsd_dist.sample import run_sample
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    store = args.object_store_mb * 2**20 if args.object_store_mb else None
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=store)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    mon = WorkerRSS()
-    mon.start()
+    mon = TreeRSS(os.getpid(), interval=0.2).start()
     with tempfile.TemporaryDirectory(prefix="odsd-bench-sample-") as out:
         cfg = build_config({"out": out, "seed": 0, "ray": {"num_cpus": args.num_cpus},
                             "sample": {"method": args.method, "n": args.n, "scores": args.scores,
                                        "batch_rows": args.batch_rows}})
         s = run_sample(cfg)
-    mon.stop.set()
-    mon.join()
+    peaks = mon.stop()
     ray.shutdown()
+    workers = [peaks[r] for r in ("ray_worker", "actor") if r in peaks]
     rows, secs = s["pool_rows"], s["seconds"]
     print("RESULT " + json.dumps({
         "rows": rows, "n": args.n, "method": args.method, "selected": s["selected"], "seconds": secs,
         "rows_per_second": round(rows / secs), "rows_per_second_per_core": round(rows / secs / args.num_cpus),
         "passes": s["passes"], "per_class": s["per_class"],
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "driver_polled_peak_rss_mb": round(mon.driver / 2**20, 1),
-        "worker_peak_rss_mb": round(mon.max_one / 2**20, 1), "workers_peak_rss_sum_mb": round(mon.max_sum / 2**20, 1),
+        "driver_peak_anon_mb": round(peaks["driver"]["max_anon_mb"], 1),
+        "worker_peak_rss_mb": round(max((w["max_mb"] for w in workers), default=0), 1),
+        "worker_peak_anon_mb": round(max((w["max_anon_mb"] for w in workers), default=0), 1),
     }), flush=True)
 
 
@@ -187,6 +161,8 @@ def main() -> int:
     ap.add_argument("--method", default="aps")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--batch-rows", type=int, default=262_144)
+    ap.add_argument("--object-store-mb", type=int, default=None,
+                    help="Ray object store size (default: Ray's, 30%% of RAM); bounds the shared pages in RSS")
     ap.add_argument("--shard-rows", type=int, default=100_000, help="rows per synthetic score file (default 100000)")
     ap.add_argument("--data", default="/tmp/odsd-bench/sampling", help="where synthetic tables are kept (reused)")
     ap.add_argument("--json", default=DEFAULT_JSON)
@@ -211,6 +187,7 @@ def main() -> int:
         gen = generate(Path(args.data), rows, args.shard_rows, 0)
         cmd = [sys.executable, __file__, "--child", "--scores", gen["folder"], "--n", str(args.n), "--method", args.method,
                "--num-cpus", str(args.num_cpus), "--batch-rows", str(args.batch_rows)]
+        cmd += ["--object-store-mb", str(args.object_store_mb)] if args.object_store_mb else []
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -223,18 +200,20 @@ def main() -> int:
         results.append(r)
     print(f"\nodsd sample --method {args.method}, N = {args.n:,}, synthetic tables C=10 d=64, Ray num_cpus={args.num_cpus}")
     print(f"{'rows':>12} {'selected':>10} {'seconds':>8} {'rows/s':>11} {'rows/s/core':>12} {'driver RSS':>11} "
-          f"{'worker RSS':>11} {'workers sum':>12} {'gen s':>7}")
+          f"{'driver anon':>12} {'worker RSS':>11} {'worker anon':>12} {'gen s':>7}")
     for r in results:
         print(f"{r['rows']:>12,} {r['selected']:>10,} {r['seconds']:>8.1f} {r['rows_per_second']:>11,} "
-              f"{r['rows_per_second_per_core']:>12,} {r['driver_peak_rss_mb']:>9.0f}MB {r['worker_peak_rss_mb']:>9.0f}MB "
-              f"{r['workers_peak_rss_sum_mb']:>10.0f}MB {r['generate_seconds'] or 0:>7.1f}")
+              f"{r['rows_per_second_per_core']:>12,} {r['driver_peak_rss_mb']:>9.0f}MB {r['driver_peak_anon_mb']:>10.0f}MB "
+              f"{r['worker_peak_rss_mb']:>9.0f}MB {r['worker_peak_anon_mb']:>10.0f}MB {r['generate_seconds'] or 0:>7.1f}")
     if len(results) >= 2:
         a, b = results[0], results[-1]
-        for key, what in (("driver_peak_rss_mb", "driver"), ("worker_peak_rss_mb", "largest Ray worker"),
-                          ("workers_peak_rss_sum_mb", "all Ray workers together")):
+        for key, what in (("driver_peak_rss_mb", "driver RSS"), ("driver_peak_anon_mb", "driver RssAnon (own heap)"),
+                          ("worker_peak_rss_mb", "largest Ray worker RSS"),
+                          ("worker_peak_anon_mb", "largest Ray worker RssAnon")):
             growth = b[key] / a[key] - 1 if a[key] else float("nan")
             print(f"peak RSS growth {a['rows']:,} -> {b['rows']:,} rows, {what}: {growth:+.1%} (target <= +10%)")
     doc = {"bench": "sampling", "method": args.method, "n": args.n, "num_cpus": args.num_cpus, "feature_dim": 64,
+           "object_store_mb": args.object_store_mb,
            "num_classes": 10, "batch_rows": args.batch_rows, "shard_rows": args.shard_rows,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
            "results": results}

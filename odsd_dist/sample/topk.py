@@ -86,10 +86,13 @@ class TopKMerger:
     def _prune(self) -> None:
         if not self.parts:
             return
-        t = pa.concat_tables(self.parts, promote_options="none").combine_chunks()
+        # chunked (zero-copy) concat; only the kept rows are copied, by the take in per_class_topq
+        t = pa.concat_tables(self.parts, promote_options="none")
+        self.parts = []
         t = per_class_topq(t, self.quotas)
         self.parts = [t]
         self.rows = t.num_rows
+        pa.default_memory_pool().release_unused()  # hand the dropped rows' pages back to the OS
 
     def result(self, schema: Optional[pa.Schema] = None) -> pa.Table:
         """The merged top-quota rows, sorted by (class, rank desc, key)."""
