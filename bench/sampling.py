@@ -2,9 +2,10 @@
 
 Each size runs in a fresh subprocess, so peak RSS is per size: the driver's (ru_maxrss) and the
 largest Ray worker's (polled every 0.2 s, bench/rss.py), each also as RssAnon (the process's own heap,
-without the pages of Ray's shared-memory object store it has mapped and touched). Synthetic tables: C = 10 classes, feature_dim = 64 (the CIFAR-10 teacher's), written
-shard by shard (100k rows per file, like many score shards: every size reads the same-sized
-files and both cores get work) and reused when already there; generation is timed separately.
+without the pages of Ray's shared-memory object store it has mapped and touched). Synthetic tables:
+C = 10 classes, feature_dim = 64 (the CIFAR-10 teacher's), written shard by shard (100k rows per file,
+like many score shards: every size reads the same-sized files and both cores get work) and reused when
+already there; generation is timed separately.
 
     python bench/sampling.py                      # 1M and 10M rows, N = 1M, 2 CPUs
     python bench/sampling.py --sizes 200000 --n 20000 --json /tmp/sampling-small.json   # a quick check

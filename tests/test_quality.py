@@ -97,13 +97,13 @@ def test_every_registered_row_builds_a_valid_config():
     """No Ray: each registered row's overrides are known keys with valid values, and its distill method
     accepts its options (what `odsd distill` checks before any Ray work)."""
     from odsd_dist.config import build_config
-    from odsd_dist.distill.methods import method_class
+    from odsd_dist.distill.methods import build_method
     from quality.rows import SOURCES, get_row, known_rows
 
     for name in known_rows():
         row = get_row(name)
         cfg = build_config({}, list(row.set))
-        method_class(cfg.distill.method)(cfg.distill.options, 8, 8, 3)
+        build_method(cfg.distill.method, cfg.distill.options, 8, 8, 3)
         assert row.source in SOURCES
         assert (cfg.distill.method == "ce") == (name == "scratch"), name  # only scratch trains on labels
         if row.source == "pool":

@@ -230,11 +230,11 @@ class EpochFeedImpl:
     def __init__(self, spec: dict):
         import ray.data
 
+        from ..raytools import use_parquet_v1
+
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar per pass per worker is noise
-        # V1 Parquet reader: V2 (Ray 2.60's default) lists files and reads footers in extra tasks and
-        # actors, new worker processes for every pass (8 s of a 6-step run's 30 s on 2 cores)
-        ctx.use_datasource_v2 = False
+        use_parquet_v1(ctx)  # this actor's own process: every pass it plans reads the train data with V1
         self.spec = spec
         self.key = None
         self.end = 0

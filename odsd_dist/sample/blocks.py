@@ -92,23 +92,24 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
     """Stream fn(batch, **fn_kwargs) over the score files with Ray Data; yield its result batches.
 
     fn returns a (small) pyarrow table per batch: a partial aggregate or the batch's candidates.
-    The files are read with Ray Data's V1 Parquet reader: V2 (the default in Ray 2.60) starts a pool
-    of 32 FooterReader actors, each a new worker process, for every read, which made every pass of a
-    few thousand rows take tens of seconds on a 2-core host. The DataContext is restored afterwards.
+    The files are read with Ray Data's V1 Parquet reader (raytools.use_parquet_v1); the DataContext is
+    restored afterwards.
     """
     import ray.data
 
+    from ..raytools import use_parquet_v1
+
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.use_datasource_v2)
+    saved_order = ctx.execution_options.preserve_order
+    saved_v2 = use_parquet_v1(ctx)
     ctx.execution_options.preserve_order = preserve_order
-    ctx.use_datasource_v2 = False
     try:
         ds = ray.data.read_parquet(files, columns=columns)  # only these columns are read
         ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True)
         for out in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             yield out
     finally:
-        ctx.execution_options.preserve_order, ctx.use_datasource_v2 = saved
+        ctx.execution_options.preserve_order, ctx.use_datasource_v2 = saved_order, saved_v2
 
 
 def count_scanned(rows: int) -> None:

@@ -88,7 +88,6 @@ class TopKMerger:
             return
         # chunked (zero-copy) concat; only the kept rows are copied, by the take in per_class_topq
         t = pa.concat_tables(self.parts, promote_options="none")
-        self.parts = []
         t = per_class_topq(t, self.quotas)
         self.parts = [t]
         self.rows = t.num_rows
