@@ -5,8 +5,10 @@
 
 Measures, on the same tars, teacher and batch size:
   1. decode-only images/s (the project's decoder, one process per core)   -- a machine limit
-  2. teacher-forward-only images/s on pre-decoded tensors (all cores)     -- a machine limit
-  3. a plain single-process loop: webdataset + torch DataLoader (2 workers) + teacher
+  2. teacher-forward-only images/s on pre-decoded tensors (all cores), with the eager module and with
+     the frozen forward `odsd score` uses (score.inference=jit, models/inference.py) -- a machine limit
+  3. a plain single-process loop: webdataset + torch DataLoader (2 workers) + teacher, as a user would
+     write it (the eager module), and the same loop given the frozen forward
   4. `odsd score` on all shards (fresh output), and on 2 shards, with the peak RSS of the driver
      and of every Ray process, to show memory does not grow with the number of shards.
 Prints a table and writes JSON (default bench/results/scoring.json).
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss import run_measured  # noqa: E402
 
-from odsd_dist.models import load_model, normalize  # noqa: E402
+from odsd_dist.models import inference_forward, load_model, normalize  # noqa: E402
 from odsd_dist.shards.decode import Damaged, decode_image, pick_image  # noqa: E402
 from odsd_dist.shards.tario import iter_samples  # noqa: E402
 
@@ -60,10 +62,20 @@ def decode_only(shards: list[str], size: int, channels: int, procs: int) -> dict
     return {"images": ok, "damaged": sum(r[1] for r in res), "seconds": dt, "images_per_s": ok / dt, "processes": procs}
 
 
-def forward_only(teacher: str, shards: list[str], batch: int, threads: int, images: int) -> dict:
-    torch.set_num_threads(threads)
+def _forward(teacher: str, batch: int, mode: str):
+    """(forward x -> (logits, features), meta): the eager module or the frozen one (models/inference.py)."""
     model, meta = load_model(teacher)
-    model.eval()
+    size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
+    example = normalize(torch.zeros((batch, size, size, channels), dtype=torch.uint8), meta)
+    fwd, used = inference_forward(model.eval(), example, mode)
+    if used != mode:
+        raise SystemExit(f"teacher forward: asked for {mode}, got {used}")
+    return fwd, meta
+
+
+def forward_only(teacher: str, shards: list[str], batch: int, threads: int, images: int, mode: str) -> dict:
+    torch.set_num_threads(threads)
+    fwd, meta = _forward(teacher, batch, mode)
     size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
     xs = []
     for path in shards:
@@ -81,16 +93,14 @@ def forward_only(teacher: str, shards: list[str], batch: int, threads: int, imag
             break
     arr = np.stack(xs)
     with torch.no_grad():
-        model.classify(model.forward_features(normalize(torch.from_numpy(arr[:batch]), meta)))  # warm-up
+        fwd(normalize(torch.from_numpy(arr[:batch]), meta))  # warm-up
         t0 = time.perf_counter()
         for i in range(0, len(arr) - batch + 1, batch):
-            x = normalize(torch.from_numpy(arr[i:i + batch]), meta)
-            f = model.forward_features(x)
-            z = model.classify(f)
+            z, _ = fwd(normalize(torch.from_numpy(arr[i:i + batch]), meta))
             torch.softmax(z, 1).max(1)
         dt = time.perf_counter() - t0
     n = (len(arr) // batch) * batch
-    return {"images": n, "seconds": dt, "images_per_s": n / dt, "threads": threads}
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "threads": threads, "inference": mode}
 
 
 class _WdsDecode:
@@ -111,13 +121,12 @@ def _stack(images: list) -> torch.Tensor:
     return torch.stack(images)
 
 
-def plain_loop(teacher: str, shards: list[str], batch: int, workers: int, threads: int) -> dict:
-    """webdataset + torch DataLoader(workers) + teacher in one process: what a user would write."""
+def plain_loop(teacher: str, shards: list[str], batch: int, workers: int, threads: int, mode: str) -> dict:
+    """webdataset + torch DataLoader(workers) + teacher in one process: what a user would write (mode eager)."""
     import webdataset as wds
 
     torch.set_num_threads(threads)
-    model, meta = load_model(teacher)
-    model.eval()
+    fwd, meta = _forward(teacher, batch, mode)
     size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
     ds = (wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, empty_check=False, handler=wds.warn_and_continue)
           .map(_WdsDecode(size, channels)).select(lambda x: x is not None).batched(batch, collation_fn=_stack, partial=True))
@@ -126,12 +135,11 @@ def plain_loop(teacher: str, shards: list[str], batch: int, workers: int, thread
     t0 = time.perf_counter()
     with torch.no_grad():
         for x in loader:
-            f = model.forward_features(normalize(x, meta))
-            z = model.classify(f)
+            z, _ = fwd(normalize(x, meta))
             torch.softmax(z, 1).max(1)
             n += len(x)
     dt = time.perf_counter() - t0
-    return {"images": n, "seconds": dt, "images_per_s": n / dt, "workers": workers, "threads": threads}
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "workers": workers, "threads": threads, "inference": mode}
 
 
 def odsd_score(teacher: str, shards: list[str], batch: int, actors: int, extra: list[str], keep: str = "") -> dict:
@@ -184,27 +192,38 @@ def main() -> None:
                        "cpu": platform.processor() or platform.machine()},
            "pool": args.pool, "shards": len(shards), "batch": args.batch, "teacher_arch": meta["arch"],
            "odsd_score_set": args.extra}
-    print(f"[1/5] decode only ({cores} processes)", file=sys.stderr)
+    print(f"[1/7] decode only ({cores} processes)", file=sys.stderr)
     res["decode_only"] = decode_only(shards, size, channels, cores)
-    print("[2/5] teacher forward only", file=sys.stderr)
-    res["forward_only"] = forward_only(args.teacher, shards, args.batch, cores, args.forward_images)
-    print("[3/5] plain loop (webdataset + DataLoader, 2 workers)", file=sys.stderr)
-    res["plain_loop"] = plain_loop(args.teacher, shards, args.batch, 2, cores)
-    print("[4/5] odsd score, 2 shards", file=sys.stderr)
+    print("[2/7] teacher forward only, eager module", file=sys.stderr)
+    res["forward_only_eager"] = forward_only(args.teacher, shards, args.batch, cores, args.forward_images, "eager")
+    print("[3/7] teacher forward only, frozen (score.inference=jit)", file=sys.stderr)
+    res["forward_only"] = forward_only(args.teacher, shards, args.batch, cores, args.forward_images, "jit")
+    print("[4/7] plain loop (webdataset + DataLoader, 2 workers), eager module", file=sys.stderr)
+    res["plain_loop"] = plain_loop(args.teacher, shards, args.batch, 2, cores, "eager")
+    print("[5/7] plain loop, frozen forward", file=sys.stderr)
+    res["plain_loop_jit"] = plain_loop(args.teacher, shards, args.batch, 2, cores, "jit")
+    print("[6/7] odsd score, 2 shards", file=sys.stderr)
     res["odsd_score_2"] = odsd_score(args.teacher, shards[:2], args.batch, args.actors, extra)
-    print(f"[5/5] odsd score, {len(shards)} shards", file=sys.stderr)
+    print(f"[7/7] odsd score, {len(shards)} shards", file=sys.stderr)
     res["odsd_score_all"] = odsd_score(args.teacher, shards, args.batch, args.actors, extra, args.keep)
-    lower = min(res["decode_only"]["images_per_s"], res["forward_only"]["images_per_s"])
+    # the lower limit: the slower of decoding and the forward `odsd score` runs (frozen unless
+    # score.inference=eager is passed with --set)
+    mode = "eager" if "score.inference=eager" in args.extra else "jit"
+    fwd_limit = res["forward_only"] if mode == "jit" else res["forward_only_eager"]
+    lower = min(res["decode_only"]["images_per_s"], fwd_limit["images_per_s"])
     pipe = res["odsd_score_all"]["images_per_s"]
-    res["ratios"] = {"pipeline_vs_lower_limit": pipe / lower, "pipeline_vs_plain_loop": pipe / res["plain_loop"]["images_per_s"]}
+    res["ratios"] = {"pipeline_vs_lower_limit": pipe / lower, "pipeline_vs_plain_loop": pipe / res["plain_loop"]["images_per_s"],
+                     "pipeline_vs_plain_loop_jit": pipe / res["plain_loop_jit"]["images_per_s"]}
     r2, r32 = res["odsd_score_2"]["peak_rss_mb"], res["odsd_score_all"]["peak_rss_mb"]
     res["rss_growth"] = {role: r32[role]["max_mb"] / r2[role]["max_mb"] for role in r2 if role in r32}
     res["anon_growth"] = {role: r32[role]["max_anon_mb"] / max(r2[role]["max_anon_mb"], 1e-9) for role in r2 if role in r32}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     rows = [("decode only (limit)", res["decode_only"]["images_per_s"]),
-            ("teacher forward only (limit)", res["forward_only"]["images_per_s"]),
+            ("teacher forward only, eager", res["forward_only_eager"]["images_per_s"]),
+            ("teacher forward only, frozen", res["forward_only"]["images_per_s"]),
             ("plain loop: wds + DataLoader(2)", res["plain_loop"]["images_per_s"]),
+            ("plain loop, frozen forward", res["plain_loop_jit"]["images_per_s"]),
             (f"odsd score, 2 shards", res["odsd_score_2"]["images_per_s"]),
             (f"odsd score, {len(shards)} shards", pipe)]
     print(f"\n{'what':<36}{'images/s':>12}")
@@ -212,6 +231,7 @@ def main() -> None:
         print(f"{name:<36}{v:>12,.0f}")
     print(f"\npipeline / lower limit = {res['ratios']['pipeline_vs_lower_limit']:.2f} (target >= 0.8)")
     print(f"pipeline / plain loop  = {res['ratios']['pipeline_vs_plain_loop']:.2f} (target >= 1.0)")
+    print(f"pipeline / plain loop with the frozen forward = {res['ratios']['pipeline_vs_plain_loop_jit']:.2f}")
     for key, title in (("max_mb", "peak RSS (MB)"), ("max_anon_mb", "peak RssAnon (MB)")):
         print(f"\n{title:<20}{'2 shards':>10}{f'{len(shards)} shards':>12}{'ratio':>8}")
         for role in sorted(set(r2) | set(r32)):

@@ -79,6 +79,9 @@ class ScoreConfig(Section):
     num_gpus: float = Field(0.0, ge=0)  # per actor
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "jit": the teacher frozen with TorchScript (BN folded, conv+ReLU fused; models/inference.py), float32
+    # only, eager otherwise or when tracing fails. Same results to float32 rounding, so not a TABLE_KEY.
+    inference: Literal["jit", "eager"] = "jit"
     topk: Optional[int] = Field(None, ge=1)  # default min(C, 10)
     feature_dim: int = Field(256, ge=1)  # project features above this dimension
     max_pixels: int = Field(50_000_000, ge=1)  # header-declared pixels above this are a decompression bomb

@@ -168,3 +168,31 @@ def test_same_weights_same_bytes(tmp_path):
     save_model(m, tmp_path / "a.safetensors", META)
     save_model(m, tmp_path / "b.safetensors", dict(reversed(list(META.items()))))
     assert weights_sha256(tmp_path / "a.safetensors") == weights_sha256(tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("arch,threads", [("resnet8", 1), ("wrn16_1", 2), ("mobilenetv2", 1)])
+def test_frozen_forward_matches_eager_and_ignores_batch_position(arch, threads):
+    """score.inference=jit: same scores as the eager module to float32 rounding, and a row's result is
+    bit-identical wherever Ray Data puts it (position in the batch, batch size), so a resumed scoring run
+    writes the same table as an uninterrupted one."""
+    from odsd_dist.models import inference_forward
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        m = _trained_like(arch)
+        x = torch.randn(96, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            fwd, mode = inference_forward(m, x[:32], "jit")
+            assert mode == "jit"
+            z, f = fwd(x)
+            torch.testing.assert_close(z, m(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(f, m.forward_features(x), rtol=1e-4, atol=1e-4)
+            for size, start in ((32, 0), (32, 40), (64, 17), (96, 0)):
+                for shift in (0, 5, 31):
+                    part = torch.roll(x[start:start + size], shift, 0)
+                    zp, fp = fwd(part)
+                    assert torch.equal(torch.roll(zp, -shift, 0), z[start:start + size]), (size, start, shift)
+                    assert torch.equal(torch.roll(fp, -shift, 0), f[start:start + size]), (size, start, shift)
+    finally:
+        torch.set_num_threads(old)

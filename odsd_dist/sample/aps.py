@@ -1,14 +1,13 @@
 """Adaptive Prototype Sampling (METHODS.md §1.2) as a few Ray Data passes with mergeable partials.
 
-Pass plan (memory O(C*d + N) on the driver, never O(pool)):
-  stats   one pass: per class counts, sum w*f (prototypes), sum f and sum f f^T (the pool mean and
-          std of the prototype cosine for *any* later single-prototype set, so no extra pass per
-          round), and the sums of maxprob and -energy; all as exact fixed-point int64 partials.
+Pass plan (memory O(C*d + N + S*d) on the driver, never O(pool)):
+  stats   one pass: per class counts, sum w*f (prototypes), sum f (pool mean feature), the sums of
+          maxprob and -energy (exact fixed-point int64 partials), and a fixed sample of S rows
+          (`stats_sample_rows`) chosen by a hash of each row's feature bits: the pool mean/std of the
+          prototype cosine for *any* later prototype set comes from it, so no extra pass per round.
   round t one pass: score every row, keep each block's per-class top-quota; the driver merges
           (topk.TopKMerger). Rounds before the last carry the candidates' features so that the next
           prototypes (or k-means modes) come from the selected rows without another pass.
-  rstats  only with k > 1 prototypes per class (cosine = max over modes, not a quadratic form) or
-          when C*d^2 is too large to aggregate: one pass for the mean/std of the cosine.
 """
 from __future__ import annotations
 
@@ -18,85 +17,68 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .blocks import PassTimer, col_np, count_scanned, features_np, from_fixed, qsum, quantise, run_pass
+from .blocks import PassTimer, col_np, count_scanned, features_np, from_fixed, qsum, quantise, run_pass, row_hash
 from .config import APSConfig
 from .quota import class_quotas
 from .topk import TopKMerger, per_class_topq, with_rank
 
-SECOND_MOMENT_LIMIT = 1 << 22  # C*d*d above this: no f f^T aggregate, an rstats pass per round instead
 ROUND_PAYLOAD = ["key", "pred", "maxprob", "feature"]
 FINAL_PAYLOAD = ["key", "shard", "url", "pred", "maxprob", "topk_idx", "topk_logit"]
+SUMMED = ("n", "counts", "mp", "ne", "sum_f", "sum_wf", "sum_w", "sum_cwf", "sum_cw")  # the rest is concatenated
 
 
 def _pack(parts: dict) -> pa.Table:
-    return pa.table({k: pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1)), max(v.size, 1))
-                     if v.size else pa.array([[]], pa.list_(pa.int64())) for k, v in parts.items()})
+    """One-row table, one list column per part (the part's dtype kept)."""
+    return pa.table({k: pa.ListArray.from_arrays(pa.array([0, v.size], pa.int32()), pa.array(np.ascontiguousarray(v).reshape(-1)))
+                     for k, v in parts.items()})
 
 
 def _unpack_rows(table: pa.Table) -> list[dict]:
-    out = []
     cols = {k: table.column(k).combine_chunks() for k in table.column_names}
-    for i in range(table.num_rows):
-        out.append({k: np.asarray(c[i].values.to_numpy(zero_copy_only=False), dtype=np.int64) for k, c in cols.items()})
-    return out
+    return [{k: c[i].values.to_numpy(zero_copy_only=False) for k, c in cols.items()} for i in range(table.num_rows)]
 
 
 # ----------------------------------------------------------------------------------------- stats pass
 
 
-def _group(pred: np.ndarray, c: int):
-    order = np.argsort(pred, kind="stable")
-    counts = np.bincount(pred, minlength=c)[:c]
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    return order, counts, bounds
-
-
 # fixed-point scales of the mergeable sums (value = int / scale); every row is quantised before summing
-S_P, S_E, S_F, S_FF = 2.0 ** 20, 2.0 ** 12, 2.0 ** 12, 2.0 ** 24
+S_P, S_E, S_F = 2.0 ** 20, 2.0 ** 12, 2.0 ** 12
 
 
-def stats_block(batch: pa.Table, c: int, d: int, second: bool, weight: str, confident: Optional[float]) -> pa.Table:
-    """Mergeable per-block sums (exact int64 fixed point) for z-scores and prototypes."""
+def _class_sums(onehot: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(C, ...) per-class sums of integer-valued float64 rows as int64: a GEMM with the 0/1 class matrix is
+    exact (every partial sum is an integer below 2^53), so the result does not depend on BLAS's order."""
+    return (onehot @ q).astype(np.int64)
+
+
+def stats_block(batch: pa.Table, c: int, d: int, weight: str, confident: Optional[float],
+                keep_below: Optional[int]) -> pa.Table:
+    """Mergeable per-block sums (exact int64 fixed point) and the block's rows of the pool's cosine sample."""
     n = batch.num_rows
     pred = col_np(batch, "pred", np.int64)
     mp = col_np(batch, "maxprob", np.float64)
     ne = -col_np(batch, "energy", np.float64)
     f = features_np(batch, d)
     w = mp if weight == "maxprob" else np.ones(n)
-    order, counts, bounds = _group(pred, c)
-    qf = quantise(f, S_F)[order]  # integer-valued: products and sums below 2^53 are exact in float64
-    qwf = quantise(f * w[:, None], S_F)[order]
-    qw = quantise(w, S_P)[order]
-    nz = counts > 0
-    starts = bounds[:-1][nz]
-    sum_f = np.zeros((c, d)); sum_wf = np.zeros((c, d)); sum_w = np.zeros(c)
-    if n:
-        sum_f[nz] = np.add.reduceat(qf, starts, axis=0)
-        sum_wf[nz] = np.add.reduceat(qwf, starts, axis=0)
-        sum_w[nz] = np.add.reduceat(qw, starts)
+    onehot = np.zeros((c, n))
+    onehot[pred, np.arange(n)] = 1.0
+    qwf = quantise(f * w[:, None], S_F)
+    qw = quantise(w, S_P)
     parts = {
-        "n": np.array([n]), "counts": counts.astype(np.int64),
-        "mp": np.array([qsum(quantise(mp, S_P)), qsum(quantise(mp * mp, S_P))]),
-        "ne": np.array([qsum(quantise(ne, S_E)), qsum(quantise(ne * ne, S_E))]),
-        "sum_f": sum_f.astype(np.int64), "sum_wf": sum_wf.astype(np.int64),
-        "sum_w": sum_w.astype(np.int64),
+        "n": np.array([n], np.int64), "counts": np.bincount(pred, minlength=c)[:c].astype(np.int64),
+        "mp": np.array([qsum(quantise(mp, S_P)), qsum(quantise(mp * mp, S_P))], np.int64),
+        "ne": np.array([qsum(quantise(ne, S_E)), qsum(quantise(ne * ne, S_E))], np.int64),
+        "sum_f": _class_sums(onehot, quantise(f, S_F)), "sum_wf": _class_sums(onehot, qwf),
+        "sum_w": _class_sums(onehot, qw),
     }
     if confident is not None:
-        cm = (mp >= confident)[order]
-        sum_cwf = np.zeros((c, d)); sum_cw = np.zeros(c)
-        for k in np.nonzero(nz)[0]:
-            sl = slice(bounds[k], bounds[k + 1])
-            m = cm[sl]
-            if m.any():
-                sum_cwf[k] = qwf[sl][m].sum(axis=0)
-                sum_cw[k] = qw[sl][m].sum()
-        parts["sum_cwf"], parts["sum_cw"] = sum_cwf.astype(np.int64), sum_cw.astype(np.int64)
-    if second:
-        m2 = np.zeros((c, d, d))
-        for k in np.nonzero(nz)[0]:
-            x = qf[bounds[k]: bounds[k + 1]]
-            m2[k] = x.T @ x  # integers < 2^24 per product: exact for blocks below 2^29 rows
-        parts["m2"] = m2.astype(np.int64)
+        conf = onehot * (mp >= confident)[None, :]
+        parts["sum_cwf"], parts["sum_cw"] = _class_sums(conf, qwf), _class_sums(conf, qw)
+    raw = batch.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, d)
+    # the cosine sample: rows picked by content (not by block or arrival order), all when keep_below is None
+    picked = np.ones(n, bool) if keep_below is None else row_hash(raw) < np.uint64(keep_below)
+    parts["sample_pred"] = pred[picked]
+    parts["sample_f"] = raw[picked].reshape(-1)
     count_scanned(n)
     return _pack(parts)
 
@@ -114,7 +96,8 @@ class PoolStats:
     sum_w: np.ndarray
     sum_cwf: Optional[np.ndarray]
     sum_cw: Optional[np.ndarray]
-    m2: Optional[np.ndarray]  # (C, d, d) or None
+    sample_pred: np.ndarray  # int64[S]: the cosine sample (every row when the pool has <= stats_sample_rows)
+    sample_f: np.ndarray  # float32 (S, d)
 
     def mean_feature(self) -> np.ndarray:
         """The pool's mean feature (d,)."""
@@ -132,12 +115,14 @@ class PoolStats:
         return _normalise(s)[:, None, :]
 
     def cosine_stats(self, protos: np.ndarray) -> tuple[float, float]:
-        """Pool mean/std of cos(f, mu_pred) for single prototypes, from sum f and sum f f^T."""
-        mu = protos[:, 0, :].astype(np.float64)
-        s1 = float(np.einsum("kd,kd->", mu, self.sum_f))
-        s2 = float(np.einsum("kd,kde,ke->", mu, self.m2, mu))
-        mean = s1 / self.n
-        return mean, float(np.sqrt(max(s2 / self.n - mean * mean, 0.0)))
+        """Pool mean/std of cos(f, mu_pred) (max over a class's modes), measured on the cosine sample.
+
+        The per-row cosines are exact and elementwise and their sums fixed point, so the figures do not
+        depend on the order the sample's rows arrived in."""
+        r = cosine_to_prototype(self.sample_f, self.sample_pred, protos)
+        m = max(len(r), 1)
+        s = from_fixed(np.array([qsum(quantise(r, S_P)), qsum(quantise(r * r, S_P))]), S_P)
+        return s[0] / m, _std(s[0], s[1], m)
 
 
 def _std(s, ss, n) -> float:
@@ -151,26 +136,33 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def stats_pass(files, c, d, cfg: APSConfig, batch_rows: int, timer: PassTimer, rows: int) -> PoolStats:
-    second = c * d * d <= SECOND_MOMENT_LIMIT  # round 1 always has one prototype per class
     confident = cfg.confident_threshold if cfg.prototype_source == "confident" else None
+    frac = cfg.stats_sample_rows / max(rows, 1)
+    keep_below = None if frac >= 1 else int(frac * 2.0 ** 64)
     acc: dict = {}
+    sample: dict = {"sample_pred": [], "sample_f": []}
 
     def consume(t: pa.Table):
         for part in _unpack_rows(t):
             for k, v in part.items():
-                acc[k] = acc[k] + v if k in acc else v
+                if k in sample:
+                    sample[k].append(v)
+                else:
+                    acc[k] = acc[k] + v if k in acc else v.astype(np.int64)
 
-    kwargs = dict(c=c, d=d, second=second, weight=cfg.prototype_weight, confident=confident)
+    kwargs = dict(c=c, d=d, weight=cfg.prototype_weight, confident=confident, keep_below=keep_below)
     timer.run("stats", rows, run_pass(files, ["pred", "maxprob", "energy", "feature"], stats_block, kwargs, batch_rows), consume)
     n = int(acc["n"][0])
     mp, ne = from_fixed(acc["mp"], S_P), from_fixed(acc["ne"], S_E)
+    sp = np.concatenate(sample["sample_pred"]).astype(np.int64) if sample["sample_pred"] else np.zeros(0, np.int64)
+    sf = np.concatenate(sample["sample_f"]) if sample["sample_f"] else np.zeros(0, np.float16)
     return PoolStats(
         n=n, counts=acc["counts"], mp_mean=mp[0] / n, mp_std=_std(mp[0], mp[1], n), ne_mean=ne[0] / n,
         ne_std=_std(ne[0], ne[1], n), sum_f=from_fixed(acc["sum_f"], S_F).reshape(c, d),
         sum_wf=from_fixed(acc["sum_wf"], S_F).reshape(c, d), sum_w=from_fixed(acc["sum_w"], S_P),
         sum_cwf=from_fixed(acc["sum_cwf"], S_F).reshape(c, d) if "sum_cwf" in acc else None,
         sum_cw=from_fixed(acc["sum_cw"], S_P) if "sum_cw" in acc else None,
-        m2=from_fixed(acc["m2"], S_FF).reshape(c, d, d) if "m2" in acc else None,
+        sample_pred=sp, sample_f=sf.astype(np.float32).reshape(-1, d),
     )
 
 
@@ -212,25 +204,6 @@ def select_block(batch: pa.Table, d: int, protos: np.ndarray, z: dict, quotas: n
     t = with_rank(batch.select(payload), pred, score.astype(np.float64))
     count_scanned(batch.num_rows)
     return per_class_topq(t, quotas)
-
-
-def rstats_block(batch: pa.Table, d: int, protos: np.ndarray) -> pa.Table:
-    pred = col_np(batch, "pred", np.int64)
-    r = cosine_to_prototype(features_np(batch, d), pred, protos)
-    count_scanned(batch.num_rows)
-    return _pack({"r": np.array([qsum(quantise(r, S_P)), qsum(quantise(r * r, S_P))]), "n": np.array([batch.num_rows])})
-
-
-def rstats_pass(files, d, protos, batch_rows, timer, rows, name) -> tuple[float, float]:
-    acc = {"r": np.zeros(2, np.int64), "n": np.zeros(1, np.int64)}
-
-    def consume(t):
-        for part in _unpack_rows(t):
-            acc["r"] += part["r"]; acc["n"] += part["n"]
-
-    timer.run(name, rows, run_pass(files, ["pred", "feature"], rstats_block, dict(d=d, protos=protos), batch_rows), consume)
-    s = from_fixed(acc["r"], S_P); n = int(acc["n"][0])
-    return s[0] / n, _std(s[0], s[1], n)
 
 
 # ------------------------------------------------------------------------------ next-round prototypes
@@ -285,14 +258,12 @@ def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int,
     quotas = class_quotas(n, stats.counts)
     protos = stats.prototypes(cfg.prototype_source, cfg.center)
     mean = stats.mean_feature() if cfg.center else None
-    info = {"candidates": stats.counts.tolist(), "quotas": quotas.tolist(), "rounds": []}
+    info = {"candidates": stats.counts.tolist(), "quotas": quotas.tolist(), "cosine_sample_rows": len(stats.sample_pred),
+            "rounds": []}
     cand = None
     for t in range(1, cfg.rounds + 1):
         last = t == cfg.rounds
-        if protos.shape[1] == 1 and stats.m2 is not None:
-            r_mean, r_std = stats.cosine_stats(protos)
-        else:
-            r_mean, r_std = rstats_pass(files, d, protos, batch_rows, timer, rows, f"rstats{t}")
+        r_mean, r_std = stats.cosine_stats(protos)
         z = {"a_c": cfg.a_c, "a_r": cfg.a_r, "a_e": cfg.a_e, "mp_mean": stats.mp_mean,
              "mp_std": max(stats.mp_std, 1e-12), "ne_mean": stats.ne_mean, "ne_std": max(stats.ne_std, 1e-12),
              "r_mean": r_mean, "r_std": max(r_std, 1e-12)}

@@ -54,6 +54,19 @@ def _splitmix(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
+def row_hash(rows: np.ndarray, words: int = 4) -> np.ndarray:
+    """uint64 per row from its first `words` 8-byte words (splitmix64 chain): picks rows by content."""
+    b = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)[:, : 8 * words]
+    if b.shape[1] % 8:
+        b = np.concatenate([b, np.zeros((len(b), -b.shape[1] % 8), np.uint8)], axis=1)
+    w = np.ascontiguousarray(b).view(np.uint64)
+    h = np.full(len(rows), np.uint64(0x9E3779B97F4A7C15))
+    with np.errstate(over="ignore"):
+        for j in range(w.shape[1]):
+            h = _splitmix(h ^ w[:, j])
+    return h
+
+
 def key_uniform(keys: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
     """A float64 in [0, 1) per key, fixed by (seed, key) alone: a seeded shuffle without a sort.
 
@@ -93,7 +106,10 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
 
     fn returns a (small) pyarrow table per batch: a partial aggregate or the batch's candidates.
     The files are read with Ray Data's V1 Parquet reader (raytools.use_parquet_v1); the DataContext is
-    restored afterwards.
+    restored afterwards. Read and fn run fused in one task per file: map_batches takes whole blocks
+    (a batch_size, or fewer read tasks than Ray's minimum parallelism, would keep them apart and send
+    every block through the object store: 10M rows, a no-op pass 9.2 s -> 6.5 s), and the task cuts
+    them into batch_rows slices for fn itself.
     """
     import ray.data
 
@@ -104,12 +120,18 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
     saved_v2 = use_parquet_v1(ctx)
     ctx.execution_options.preserve_order = preserve_order
     try:
-        ds = ray.data.read_parquet(files, columns=columns)  # only these columns are read
-        ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True)
+        ds = ray.data.read_parquet(files, columns=columns, override_num_blocks=len(files))  # only these columns
+        ds = ds.map_batches(_in_slices, fn_kwargs={"fn": fn, "fn_kwargs": fn_kwargs, "rows": batch_rows},
+                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
         for out in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             yield out
     finally:
         ctx.execution_options.preserve_order, ctx.use_datasource_v2 = saved_order, saved_v2
+
+
+def _in_slices(block: pa.Table, fn: Callable, fn_kwargs: dict, rows: int) -> pa.Table:
+    outs = [fn(block.slice(i, rows), **fn_kwargs) for i in range(0, max(block.num_rows, 1), rows)]
+    return outs[0] if len(outs) == 1 else pa.concat_tables(outs)
 
 
 def count_scanned(rows: int) -> None:

@@ -147,6 +147,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         TeacherScorer, batch_format="numpy", batch_size=sc.batch_size, compute=ray.data.ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.actor_cpus, num_gpus=sc.num_gpus or None,
         fn_constructor_kwargs={"weights": os.path.abspath(cfg.teacher.weights), "device": sc.device, "dtype": sc.dtype,
+                               "inference": sc.inference,
                                "topk": p["topk"], "feature_dim": sc.feature_dim, "seed": cfg.seed,
                                "threads": sc.threads or max(1, math.ceil(sc.actor_cpus))},
     )

@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from ..metrics import ray_metric
-from ..models import load_model, normalize
+from ..models import inference_forward, load_model, normalize
 from ..tables import score_schema
 
 OUT_EXTRA = [("reason", pa.string()), ("detail", pa.string())]
@@ -72,13 +72,18 @@ def score_logits_features(logits: torch.Tensor, feats: torch.Tensor, topk: int, 
 class TeacherScorer:
     """Callable class for `map_batches`: loads the teacher once, scores every batch it is given."""
 
-    def __init__(self, weights: str, device: str, dtype: str, topk: int, feature_dim: int, seed: int, threads: int = 0):
+    def __init__(self, weights: str, device: str, dtype: str, topk: int, feature_dim: int, seed: int, threads: int = 0,
+                 inference: str = "jit"):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model, self.meta = load_model(weights, map_location="cpu")
         self.model.eval().to(self.device)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        size, chans = int(self.meta["input_size"]), int(self.meta.get("in_chans", 3))
+        example = normalize(torch.zeros((SHAPE_STEP, size, size, chans), dtype=torch.uint8), self.meta).to(self.device)
+        # autocast (bf16/fp16) runs the eager module: a trace would bake one dtype's casts into the graph
+        self.forward, self.inference = inference_forward(self.model, example, inference if dtype == "float32" else "eager")
         self.topk = topk
         self.proj = projection_matrix(self.model.feature_dim, feature_dim, seed)
         self.out_dim = min(self.model.feature_dim, feature_dim)
@@ -97,8 +102,7 @@ class TeacherScorer:
         x = normalize(torch.from_numpy(images), self.meta).to(self.device, non_blocking=True)
         use_amp = self.dtype != torch.float32
         with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=use_amp):
-            f = self.model.forward_features(x)
-            z = self.model.classify(f)
+            z, f = self.forward(x)
         return z[:m].float().cpu(), f[:m].float().cpu()
 
     def __call__(self, batch: dict) -> pa.Table:
