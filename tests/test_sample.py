@@ -155,8 +155,8 @@ def test_aps_knobs_and_kmeans(ray_local, tmp_path, scores):
     cfg = _cfg(tmp_path, scores, "aps", aps={"rounds": 2, "prototypes_per_class": 3, "prototype_source": "confident",
                                             "weight_by_score": True, "a_e": 0.5})
     s = run_sample(cfg)
-    # k > 1 modes per class: the cosine's pool mean/std comes from the stats pass's sample, no extra pass
-    assert s["selected"] == N and [p["pass"] for p in s["passes"]] == ["stats", "select1", "select2"]
+    # k > 1 modes per class: the rounds run on the stats pass's sample; one select pass whatever the rounds
+    assert s["selected"] == N and [p["pass"] for p in s["passes"]] == ["stats", "select"]
     t = pq.read_table(tmp_path / "sample" / "selection.parquet")
     w = t.column("weight").to_numpy()
     assert abs(w.mean() - 1) < 1e-3 and w.std() > 0
@@ -178,6 +178,21 @@ def test_aps_cosine_sample_is_fixed_by_content(ray_local, tmp_path, scores):
     assert pq.read_table(a).equals(pq.read_table(b))  # the rows (the metadata holds each run's batch_rows)
     ka, ke = (set(pq.read_table(p, columns=["key"]).column("key").to_pylist()) for p in (a, exact))
     assert len(ka) == len(ke) == N and len(ka & ke) >= 0.95 * N
+
+
+def test_aps_floor_too_high_reruns_the_select_pass(ray_local, tmp_path, scores, monkeypatch):
+    """Floors above a class's quota-th best score would lose rows: the pass reruns without floors."""
+    from odsd_dist.sample import aps, run_sample
+
+    ref = tmp_path / "ref"
+    run_sample(_cfg(ref, scores, "aps"))
+    monkeypatch.setattr(aps, "select_floors", lambda order, score, share, quotas, counts: np.full(len(quotas), np.inf, np.float32))
+    s = run_sample(_cfg(tmp_path / "high", scores, "aps"))
+    assert [p["pass"] for p in s["passes"]] == ["stats", "select", "select_again"]
+    a, b = (pq.read_table(p / "sample" / "selection.parquet") for p in (ref, tmp_path / "high"))
+    assert a.equals(b)
+    meta = read_meta(tmp_path / "high" / "sample" / "selection.parquet")
+    assert meta["aps"]["floors_too_high"] == [k for k, q in enumerate(meta["quotas"]) if q > 0]
 
 
 def test_same_inputs_and_seed_give_byte_identical_selection(ray_local, tmp_path, scores, capsys):

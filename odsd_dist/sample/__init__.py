@@ -165,8 +165,8 @@ def run_sample(cfg) -> dict:
         table, info = select(inp, sc, cfg.seed, timer)
         per_class = np.bincount(table.column("pred").to_numpy(), minlength=inp.num_classes)[: inp.num_classes].tolist()
         meta.update(per_class=per_class, candidates=info.get("candidates"), quotas=info.get("quotas"),
-                    aps=info.get("z") and {"z": info["z"], "cosine_sample_rows": info["cosine_sample_rows"], "rounds": [  # timing-dependent figures stay out of
-                        {k: v for k, v in r.items() if k != "buffer_peak_rows"} for r in info["rounds"]]})  # the table
+                    aps=info.get("z") and {"z": info["z"], "sample_rows": info["sample_rows"], "rounds": info["rounds"],
+                                            "floors_too_high": info["floors_too_high"]})
         write_table(table, path, meta)
         selected = table.num_rows
     seconds = time.perf_counter() - t0

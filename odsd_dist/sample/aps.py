@@ -1,13 +1,19 @@
-"""Adaptive Prototype Sampling (METHODS.md §1.2) as a few Ray Data passes with mergeable partials.
+"""Adaptive Prototype Sampling (METHODS.md §1.2) as two Ray Data passes with mergeable partials.
 
 Pass plan (memory O(C*d + N + S*d) on the driver, never O(pool)):
-  stats   one pass: per class counts, sum w*f (prototypes), sum f (pool mean feature), the sums of
-          maxprob and -energy (exact fixed-point int64 partials), and a fixed sample of S rows
-          (`stats_sample_rows`) chosen by a hash of each row's feature bits: the pool mean/std of the
-          prototype cosine for *any* later prototype set comes from it, so no extra pass per round.
-  round t one pass: score every row, keep each block's per-class top-quota; the driver merges
-          (topk.TopKMerger). Rounds before the last carry the candidates' features so that the next
-          prototypes (or k-means modes) come from the selected rows without another pass.
+  stats   per class counts, sum w*f (round-1 prototypes), sum f (pool mean feature), the sums of maxprob
+          and -energy (exact fixed-point int64 partials), and a fixed sample of S rows
+          (`stats_sample_rows`, picked by a hash of each row's feature bits; the whole pool when it is
+          smaller): every row of the pool when |pool| <= S.
+  rounds  on the driver, on the sample: the pool mean/std of the prototype cosine for each round's
+          prototypes, each class's top share of the sample (its quota / its pool count) and, from those
+          rows, the next round's prototypes (or k-means modes). With |pool| <= S this is the exact
+          per-class top-quota of the pool; above, a uniform sample of it.
+  select  one pass: score every row with the last round's prototypes, drop rows below a per-class
+          floor set from the sample (a margin below the estimated threshold, so ~1.1 N rows reach the
+          driver instead of the pool), keep each block's per-class top-quota; the driver merges
+          (topk.TopKMerger). A class that ends with fewer rows than its quota had its floor too high:
+          the pass is rerun without floors, so the result is always the exact top-quota.
 """
 from __future__ import annotations
 
@@ -16,13 +22,13 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .blocks import PassTimer, col_np, count_scanned, features_np, from_fixed, qsum, quantise, run_pass, row_hash
 from .config import APSConfig
 from .quota import class_quotas
-from .topk import TopKMerger, per_class_topq, with_rank
+from .topk import CLS, RANK, TopKMerger, per_class_topq, with_rank
 
-ROUND_PAYLOAD = ["key", "pred", "maxprob", "feature"]
 FINAL_PAYLOAD = ["key", "shard", "url", "pred", "maxprob", "topk_idx", "topk_logit"]
 SUMMED = ("n", "counts", "mp", "ne", "sum_f", "sum_wf", "sum_w", "sum_cwf", "sum_cw")  # the rest is concatenated
 
@@ -77,8 +83,8 @@ def stats_block(batch: pa.Table, c: int, d: int, weight: str, confident: Optiona
     raw = batch.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, d)
     # the cosine sample: rows picked by content (not by block or arrival order), all when keep_below is None
     picked = np.ones(n, bool) if keep_below is None else row_hash(raw) < np.uint64(keep_below)
-    parts["sample_pred"] = pred[picked]
-    parts["sample_f"] = raw[picked].reshape(-1)
+    parts["sample_pred"], parts["sample_f"] = pred[picked], raw[picked].reshape(-1)
+    parts["sample_mp"], parts["sample_ne"] = mp[picked], ne[picked]
     count_scanned(n)
     return _pack(parts)
 
@@ -96,8 +102,11 @@ class PoolStats:
     sum_w: np.ndarray
     sum_cwf: Optional[np.ndarray]
     sum_cw: Optional[np.ndarray]
-    sample_pred: np.ndarray  # int64[S]: the cosine sample (every row when the pool has <= stats_sample_rows)
+    # the sample (every row when the pool has <= stats_sample_rows), in a canonical order (by content)
+    sample_pred: np.ndarray  # int64[S]
     sample_f: np.ndarray  # float32 (S, d)
+    sample_mp: np.ndarray  # float64[S]: maxprob
+    sample_ne: np.ndarray  # float64[S]: -energy
 
     def mean_feature(self) -> np.ndarray:
         """The pool's mean feature (d,)."""
@@ -115,14 +124,30 @@ class PoolStats:
         return _normalise(s)[:, None, :]
 
     def cosine_stats(self, protos: np.ndarray) -> tuple[float, float]:
-        """Pool mean/std of cos(f, mu_pred) (max over a class's modes), measured on the cosine sample.
+        """Pool mean/std of cos(f, mu_pred) (max over a class's modes), measured on the sample.
 
-        The per-row cosines are exact and elementwise and their sums fixed point, so the figures do not
-        depend on the order the sample's rows arrived in."""
+        The per-row cosines are exact and elementwise and their sums fixed point."""
         r = cosine_to_prototype(self.sample_f, self.sample_pred, protos)
         m = max(len(r), 1)
         s = from_fixed(np.array([qsum(quantise(r, S_P)), qsum(quantise(r * r, S_P))]), S_P)
         return s[0] / m, _std(s[0], s[1], m)
+
+    def sample_scores(self, protos: np.ndarray, z: dict) -> np.ndarray:
+        """The APS score of every sample row (float32, as select_block computes it for pool rows)."""
+        return combine(z, self.sample_mp, cosine_to_prototype(self.sample_f, self.sample_pred, protos), self.sample_ne)
+
+    def sample_order(self, score: np.ndarray) -> list[np.ndarray]:
+        """Per class, the indices of its sample rows, best score first (ties: canonical order)."""
+        out = []
+        for k in range(len(self.counts)):
+            idx = np.flatnonzero(self.sample_pred == k)
+            out.append(idx[np.argsort(-score[idx], kind="stable")])
+        return out
+
+    def sample_share(self, quotas: np.ndarray) -> np.ndarray:
+        """Per class, the quota's expected share of the class's sample rows: quota_k * sampled_k / count_k."""
+        m = np.bincount(self.sample_pred, minlength=len(self.counts))[: len(self.counts)]
+        return quotas * m / np.maximum(self.counts, 1)
 
 
 def _std(s, ss, n) -> float:
@@ -140,7 +165,7 @@ def stats_pass(files, c, d, cfg: APSConfig, batch_rows: int, timer: PassTimer, r
     frac = cfg.stats_sample_rows / max(rows, 1)
     keep_below = None if frac >= 1 else int(frac * 2.0 ** 64)
     acc: dict = {}
-    sample: dict = {"sample_pred": [], "sample_f": []}
+    sample: dict = {"sample_pred": [], "sample_f": [], "sample_mp": [], "sample_ne": []}
 
     def consume(t: pa.Table):
         for part in _unpack_rows(t):
@@ -154,15 +179,18 @@ def stats_pass(files, c, d, cfg: APSConfig, batch_rows: int, timer: PassTimer, r
     timer.run("stats", rows, run_pass(files, ["pred", "maxprob", "energy", "feature"], stats_block, kwargs, batch_rows), consume)
     n = int(acc["n"][0])
     mp, ne = from_fixed(acc["mp"], S_P), from_fixed(acc["ne"], S_E)
-    sp = np.concatenate(sample["sample_pred"]).astype(np.int64) if sample["sample_pred"] else np.zeros(0, np.int64)
-    sf = np.concatenate(sample["sample_f"]) if sample["sample_f"] else np.zeros(0, np.float16)
+    sp, sf, smp, sne = (np.concatenate(sample[k]) for k in ("sample_pred", "sample_f", "sample_mp", "sample_ne"))
+    sf = sf.reshape(-1, d)
+    # a canonical order, whatever order the blocks arrived in: by content hash, then the values themselves
+    order = np.lexsort((sne, smp, sp, row_hash(sf)))
+    sp, sf, smp, sne = sp[order].astype(np.int64), sf[order].astype(np.float32), smp[order], sne[order]
     return PoolStats(
         n=n, counts=acc["counts"], mp_mean=mp[0] / n, mp_std=_std(mp[0], mp[1], n), ne_mean=ne[0] / n,
         ne_std=_std(ne[0], ne[1], n), sum_f=from_fixed(acc["sum_f"], S_F).reshape(c, d),
         sum_wf=from_fixed(acc["sum_wf"], S_F).reshape(c, d), sum_w=from_fixed(acc["sum_w"], S_P),
         sum_cwf=from_fixed(acc["sum_cwf"], S_F).reshape(c, d) if "sum_cwf" in acc else None,
         sum_cw=from_fixed(acc["sum_cw"], S_P) if "sum_cw" in acc else None,
-        sample_pred=sp, sample_f=sf.astype(np.float32).reshape(-1, d),
+        sample_pred=sp, sample_f=sf, sample_mp=smp, sample_ne=sne,
     )
 
 
@@ -186,24 +214,39 @@ def cosine_to_prototype(f: np.ndarray, pred: np.ndarray, protos: np.ndarray) -> 
     return r if r is not None else np.zeros(len(pred))
 
 
-def aps_score(batch: pa.Table, d: int, protos: np.ndarray, z: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(score float32, cosine float32) for each row of the batch."""
-    pred = col_np(batch, "pred", np.int64)
-    f = features_np(batch, d)
-    r = cosine_to_prototype(f, pred, protos)
-    c = col_np(batch, "maxprob", np.float64)
-    e = -col_np(batch, "energy", np.float64)
+def combine(z: dict, c: np.ndarray, r: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """score = a_c z(maxprob) + a_r z(cosine) + a_e z(-energy), float32."""
     s = (z["a_c"] * (c - z["mp_mean"]) / z["mp_std"] + z["a_r"] * (r - z["r_mean"]) / z["r_std"]
          + z["a_e"] * (e - z["ne_mean"]) / z["ne_std"])
-    return s.astype(np.float32), r.astype(np.float32)
+    return s.astype(np.float32)
 
 
-def select_block(batch: pa.Table, d: int, protos: np.ndarray, z: dict, quotas: np.ndarray, payload: list) -> pa.Table:
-    score, _ = aps_score(batch, d, protos, z)
-    pred = col_np(batch, "pred", np.int32)
-    t = with_rank(batch.select(payload), pred, score.astype(np.float64))
+def select_block(batch: pa.Table, d: int, protos: np.ndarray, z: dict, quotas: np.ndarray, floors: np.ndarray,
+                 payload: list) -> pa.Table:
+    """The block's per-class top-quota among its rows scoring at least their class's floor."""
+    pred = col_np(batch, "pred", np.int64)
+    r = cosine_to_prototype(features_np(batch, d), pred, protos)
+    score = combine(z, col_np(batch, "maxprob", np.float64), r, -col_np(batch, "energy", np.float64))
+    keep = np.flatnonzero(score >= floors[pred])
     count_scanned(batch.num_rows)
-    return per_class_topq(t, quotas)
+    t = batch.select(payload).take(pa.array(keep)) if len(keep) < batch.num_rows else batch.select(payload)
+    return per_class_topq(with_rank(t, pred[keep].astype(np.int32), score[keep].astype(np.float64)), quotas)
+
+
+def select_floors(order: list[np.ndarray], score: np.ndarray, share: np.ndarray, quotas: np.ndarray,
+                  counts: np.ndarray) -> np.ndarray:
+    """Per class, a score floor below the estimated quota-th best pool score (-inf: keep every row).
+
+    The sample's rank of the threshold is share_k; the floor sits at rank 1.1 share_k + 4 sqrt(share_k) + 16,
+    some 4 standard deviations of the sampling error below it."""
+    floors = np.full(len(quotas), -np.inf, np.float32)
+    for k, idx in enumerate(order):
+        if quotas[k] >= counts[k]:
+            continue
+        j = int(np.ceil(1.1 * share[k] + 4 * np.sqrt(share[k]) + 16))
+        if j < len(idx):
+            floors[k] = score[idx[j]]
+    return floors
 
 
 # ------------------------------------------------------------------------------ next-round prototypes
@@ -224,18 +267,15 @@ def _kmeans(x: np.ndarray, w: np.ndarray, m: int, iters: int, seed: int) -> np.n
     return cent
 
 
-def next_prototypes(cand: pa.Table, prev: np.ndarray, d: int, cfg: APSConfig, seed: int,
+def next_prototypes(pred: np.ndarray, f: np.ndarray, w: np.ndarray, prev: np.ndarray, cfg: APSConfig, seed: int,
                     mean: Optional[np.ndarray] = None) -> np.ndarray:
-    """Prototypes from the rows just selected (sorted by class, rank, key); a class with none keeps its old one.
+    """Prototypes from the rows just selected (in a canonical order); a class with none keeps its old one.
 
     With `mean` (the pool's mean feature) the selected features are centred on it first."""
     c = prev.shape[0]
     m = cfg.prototypes_per_class
-    pred = col_np(cand, "pred", np.int64)
-    f = features_np(cand, d)
     if mean is not None:
         f = (f.astype(np.float64) - mean[None, :]).astype(np.float32)
-    w = col_np(cand, "maxprob", np.float32) if cfg.prototype_weight == "maxprob" else np.ones(len(pred), np.float32)
     out = np.repeat(prev[:, :1, :], m, axis=1) if prev.shape[1] != m else prev.copy()
     for k in range(c):
         sel = pred == k
@@ -251,6 +291,13 @@ def next_prototypes(cand: pa.Table, prev: np.ndarray, d: int, cfg: APSConfig, se
 # ----------------------------------------------------------------------------------------- driver
 
 
+def _z(cfg: APSConfig, stats: PoolStats, protos: np.ndarray) -> dict:
+    r_mean, r_std = stats.cosine_stats(protos)
+    return {"a_c": cfg.a_c, "a_r": cfg.a_r, "a_e": cfg.a_e, "mp_mean": stats.mp_mean,
+            "mp_std": max(stats.mp_std, 1e-12), "ne_mean": stats.ne_mean, "ne_std": max(stats.ne_std, 1e-12),
+            "r_mean": r_mean, "r_std": max(r_std, 1e-12)}
+
+
 def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int, batch_rows: int,
             timer: PassTimer) -> tuple[pa.Table, dict]:
     """APS over the score files: (candidates sorted by class/score/key with FINAL_PAYLOAD + _cls/_rank, info)."""
@@ -258,24 +305,37 @@ def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int,
     quotas = class_quotas(n, stats.counts)
     protos = stats.prototypes(cfg.prototype_source, cfg.center)
     mean = stats.mean_feature() if cfg.center else None
-    info = {"candidates": stats.counts.tolist(), "quotas": quotas.tolist(), "cosine_sample_rows": len(stats.sample_pred),
+    share = stats.sample_share(quotas)
+    w = stats.sample_mp if cfg.prototype_weight == "maxprob" else np.ones(len(stats.sample_pred))
+    info = {"candidates": stats.counts.tolist(), "quotas": quotas.tolist(), "sample_rows": len(stats.sample_pred),
             "rounds": []}
-    cand = None
     for t in range(1, cfg.rounds + 1):
-        last = t == cfg.rounds
-        r_mean, r_std = stats.cosine_stats(protos)
-        z = {"a_c": cfg.a_c, "a_r": cfg.a_r, "a_e": cfg.a_e, "mp_mean": stats.mp_mean,
-             "mp_std": max(stats.mp_std, 1e-12), "ne_mean": stats.ne_mean, "ne_std": max(stats.ne_std, 1e-12),
-             "r_mean": r_mean, "r_std": max(r_std, 1e-12)}
-        payload = FINAL_PAYLOAD if last else ROUND_PAYLOAD
-        merger = TopKMerger(quotas, slack=0.25)
-        kwargs = dict(d=d, protos=protos, z=z, quotas=quotas, payload=payload)
-        timer.run(f"select{t}", rows, run_pass(files, sorted(set(payload) | {"pred", "maxprob", "energy", "feature"}),
-                                                select_block, kwargs, batch_rows), merger.add)
-        cand = merger.result()
+        z = _z(cfg, stats, protos)
+        score = stats.sample_scores(protos, z)
+        order = stats.sample_order(score)
         info["rounds"].append({"round": t, "z": {k: round(float(v), 6) for k, v in z.items()},
-                               "prototypes": int(protos.shape[1]), "buffer_peak_rows": merger.peak_rows})
-        if not last:
-            protos = next_prototypes(cand, protos, d, cfg, seed, mean)
+                               "prototypes": int(protos.shape[1])})
+        if t < cfg.rounds:  # the next prototypes, from each class's top share of the sample
+            top = np.concatenate([idx[: int(round(share[k]))] for k, idx in enumerate(order)]) if order else np.zeros(0, int)
+            top = np.sort(top)  # canonical order
+            protos = next_prototypes(stats.sample_pred[top], stats.sample_f[top], w[top], protos, cfg, seed, mean)
+    floors = select_floors(order, score, share, quotas, stats.counts)
+    cols = sorted(set(FINAL_PAYLOAD) | {"pred", "maxprob", "energy", "feature"})
+    cand, peak = _select(files, rows, cols, d, protos, z, quotas, floors, batch_rows, timer, "select")
+    got = np.bincount(cand.column(CLS).to_numpy(), minlength=c)[:c] if cand.num_rows else np.zeros(c, np.int64)
+    info["floors_too_high"] = [int(k) for k in np.flatnonzero(got < quotas)]
+    if info["floors_too_high"]:  # a floor cut into the top-quota: exactness first, one more pass
+        cand, peak = _select(files, rows, cols, d, protos, z, quotas, np.full(c, -np.inf, np.float32), batch_rows,
+                             timer, "select_again")
+    info["buffer_peak_rows"] = peak
     info["z"] = info["rounds"][-1]["z"]
     return cand, info
+
+
+def _select(files, rows, cols, d, protos, z, quotas, floors, batch_rows, timer, name) -> tuple[pa.Table, int]:
+    merger = TopKMerger(quotas, slack=0.25)
+    kwargs = dict(d=d, protos=protos, z=z, quotas=quotas, floors=floors, payload=FINAL_PAYLOAD)
+    timer.run(name, rows, run_pass(files, cols, select_block, kwargs, batch_rows), merger.add)
+    score_schema = pq.read_schema(files[0])  # for an empty result (blocks with no rows left are not yielded)
+    schema = pa.schema([score_schema.field(k) for k in FINAL_PAYLOAD] + [pa.field(CLS, pa.int32()), pa.field(RANK, pa.float64())])
+    return merger.result(schema), merger.peak_rows

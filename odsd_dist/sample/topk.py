@@ -44,15 +44,21 @@ def topq_indices(rank: np.ndarray, keys: pa.Array | pa.ChunkedArray, q: int, row
 
 def per_class_topq(table: pa.Table, quotas: np.ndarray) -> pa.Table:
     """Rows of `table` (with CLS, RANK, key columns) in their class's top-quota; others dropped."""
+    idx = per_class_topq_indices(table, quotas)
+    return table if idx is None else table.take(pa.array(idx))
+
+
+def per_class_topq_indices(table: pa.Table, quotas: np.ndarray) -> Optional[np.ndarray]:
+    """Sorted indices of the rows per_class_topq keeps, or None when it keeps them all."""
     n = table.num_rows
     if n == 0:
-        return table
+        return None
     cls = table.column(CLS).to_numpy()
     rank = table.column(RANK).to_numpy()
     keys = table.column("key")
     counts = np.bincount(cls, minlength=len(quotas))
     if np.all(counts[: len(quotas)] <= quotas) and len(counts) == len(quotas):
-        return table
+        return None
     order = np.argsort(cls, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(counts)])
     keep = []
@@ -60,8 +66,7 @@ def per_class_topq(table: pa.Table, quotas: np.ndarray) -> pa.Table:
         rows = order[bounds[k]: bounds[k + 1]]
         q = int(quotas[k]) if k < len(quotas) else 0
         keep.append(topq_indices(rank, keys, q, rows) if len(rows) > q else rows)
-    idx = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
-    return table.take(pa.array(idx))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
 class TopKMerger:
@@ -94,16 +99,21 @@ class TopKMerger:
         pa.default_memory_pool().release_unused()  # hand the dropped rows' pages back to the OS
 
     def result(self, schema: Optional[pa.Schema] = None) -> pa.Table:
-        """The merged top-quota rows, sorted by (class, rank desc, key)."""
-        self._prune()
+        """The merged top-quota rows, sorted by (class, rank desc, key).
+
+        One copy of the kept rows: their order is found on the three sort columns alone, then one take
+        in that order (a prune followed by a sort would copy them twice)."""
         if not self.parts:
             if schema is None:
                 raise ValueError("no candidates and no schema")
             return schema.empty_table()
-        t = self.parts[0]
-        if t.num_rows == 0:
-            return t
-        return t.sort_by([(CLS, "ascending"), (RANK, "descending"), ("key", "ascending")])
+        t = pa.concat_tables(self.parts, promote_options="none")
+        self.parts = []
+        idx = per_class_topq_indices(t, self.quotas)
+        idx = np.arange(t.num_rows) if idx is None else idx
+        sort_cols = t.select([CLS, RANK, "key"]).take(pa.array(idx))
+        order = pc.sort_indices(sort_cols, sort_keys=[(CLS, "ascending"), (RANK, "descending"), ("key", "ascending")])
+        return t.take(pa.array(idx[order.to_numpy()]))
 
 
 def with_rank(table: pa.Table, cls: np.ndarray, rank: np.ndarray) -> pa.Table:
