@@ -87,6 +87,8 @@ def test_bad_config_exits_2_before_ray(pool_shards, teacher, tmp_path):
         (["score", "--set", f"teacher.weights={tmp_path}/missing.safetensors",
           "--set", f"score.shards=[{pool_shards['folder']}]"], "teacher.weights"),
         (["score", "--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        (["score", "--set", f"teacher.weights={teacher}", "--set", f"score.shards=[{pool_shards['folder']}]",
+          "--set", "ray.num_cpus=2", "--set", "score.actor_cpus=1.5", "--set", "score.decode_cpus=1"], "score.decode_cpus"),
     ]
     for args, named in cases:
         p = _cli(*args, "--set", f"out={tmp_path}/out")

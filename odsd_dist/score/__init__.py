@@ -39,11 +39,26 @@ def plan(cfg: Config) -> dict:
         if stem in names:
             raise UserError(f"score.shards: two input shards share the name {stem!r}: {names[stem]} and {p}")
         names[stem] = p
+    _check_cpu_budget(cfg)
     teacher = _teacher_info(cfg.teacher.weights)
     c = int(teacher["meta"]["num_classes"])
     topk = min(c, sc.topk or 10)
     return {"shards": names, "teacher": teacher, "topk": topk,
             "out_dim": min(teacher["feature_dim"], sc.feature_dim)}
+
+
+def _check_cpu_budget(cfg: Config) -> None:
+    """On a local Ray, the actor pool's CPUs plus one read+decode task must fit: otherwise no decode task
+    can ever be scheduled beside the actors and the run waits forever."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster: other nodes may have the CPUs
+    sc = cfg.score
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    need = sc.actors * sc.actor_cpus + sc.decode_cpus
+    if need > cpus + 1e-9:
+        raise UserError(f"score.actor_cpus / score.decode_cpus: {sc.actors} actor(s) x {sc.actor_cpus} CPU + "
+                        f"{sc.decode_cpus} CPU for decoding = {need:g} CPUs, but the local Ray has {cpus} "
+                        "(ray.num_cpus): no decode task could run beside the scoring actors")
 
 
 def _summary_line(label: str, value) -> str:
