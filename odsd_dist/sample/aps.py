@@ -2,9 +2,9 @@
 
 Pass plan (memory O(C*d + N + S*d) on the driver, never O(pool)):
   stats   per class counts, sum w*f (round-1 prototypes), sum f (pool mean feature), the sums of maxprob
-          and -energy (exact fixed-point int64 partials), and a fixed sample of S rows
-          (`stats_sample_rows`, picked by a hash of each row's feature bits; the whole pool when it is
-          smaller): every row of the pool when |pool| <= S.
+          and -energy (exact fixed-point int64 partials), and a fixed sample of ~S rows
+          (`stats_sample_rows`, picked by a hash of each row's feature bits, so the same rows whatever
+          the block boundaries; every row when |pool| <= S).
   rounds  on the driver, on the sample: the pool mean/std of the prototype cosine for each round's
           prototypes, each class's top share of the sample (its quota / its pool count) and, from those
           rows, the next round's prototypes (or k-means modes). With |pool| <= S this is the exact
@@ -30,7 +30,6 @@ from .quota import class_quotas
 from .topk import CLS, RANK, TopKMerger, per_class_topq, with_rank
 
 FINAL_PAYLOAD = ["key", "shard", "url", "pred", "maxprob", "topk_idx", "topk_logit"]
-SUMMED = ("n", "counts", "mp", "ne", "sum_f", "sum_wf", "sum_w", "sum_cwf", "sum_cw")  # the rest is concatenated
 
 
 def _pack(parts: dict) -> pa.Table:

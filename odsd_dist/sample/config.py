@@ -32,9 +32,10 @@ class APSConfig(Section):
     # cosine ranks "typical pool image" rather than "typical class k" (docs/RESULTS.md, sampling).
     center: bool = True
     kmeans_iters: int = Field(5, ge=1, le=100)
-    # z(r) needs the pool mean/std of the cosine for each round's prototypes: measured on a fixed sample of
-    # about this many rows (picked by a hash of their features; every row when the pool is smaller), kept
-    # from the stats pass, so no round needs an extra pass. At 200k rows the std is within ~0.3 %.
+    # The stats pass keeps a fixed sample of about this many rows (picked by a hash of their features; every
+    # row when the pool is smaller). The rounds run on it: the pool mean/std of the prototype cosine, each
+    # class's top share and the next prototypes; and the select pass's per-class score floors come from it.
+    # Driver memory ~ rows x feature_dim x 4 bytes (200k x 64: 51 MB). See aps.py.
     stats_sample_rows: int = Field(200_000, ge=1000)
     # Sample weight of a selected row: 1 (False) or sigmoid(score) rescaled to mean 1 over the selection.
     weight_by_score: bool = False
