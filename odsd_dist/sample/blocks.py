@@ -118,7 +118,11 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
     ctx = ray.data.DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
     saved_v2 = use_parquet_v1(ctx)
+    saved_reservation = ctx.op_resource_reservation_enabled
     ctx.execution_options.preserve_order = preserve_order
+    # One (fused) operator: Ray Data's per-operator reservation (half the cluster) only held it to half
+    # the CPUs; without it both cores read (40 files of 100k rows, stats pass: 7.8 -> 3.5 s).
+    ctx.op_resource_reservation_enabled = False
     try:
         ds = ray.data.read_parquet(files, columns=columns, override_num_blocks=len(files))  # only these columns
         ds = ds.map_batches(_in_slices, fn_kwargs={"fn": fn, "fn_kwargs": fn_kwargs, "rows": batch_rows},
@@ -127,6 +131,7 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
             yield out
     finally:
         ctx.execution_options.preserve_order, ctx.use_datasource_v2 = saved_order, saved_v2
+        ctx.op_resource_reservation_enabled = saved_reservation
 
 
 def _in_slices(block: pa.Table, fn: Callable, fn_kwargs: dict, rows: int) -> pa.Table:
