@@ -175,7 +175,7 @@ def run_sample(cfg) -> dict:
         "class_names": inp.class_names, "quotas": info.get("quotas"), "candidates": info.get("candidates"),
         "rows_scanned": timer.rows_scanned, "passes": timer.passes, "seconds": round(seconds, 3),
         "rows_per_second": int(inp.rows / seconds) if seconds > 0 else None, "selection": str(path),
-        "rounds": info.get("rounds"),
+        "rounds": info.get("rounds"), "buffer_peak_rows": info.get("buffer_peak_rows"),  # the merge buffer (APS)
     }
     if reshard_sources is not None:
         from .reshard import reshard
