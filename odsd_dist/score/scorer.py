@@ -24,6 +24,20 @@ OUT_EXTRA = [("reason", pa.string()), ("detail", pa.string())]
 # process from 170 MB to 1.4 GB of anonymous memory, fixed-size ones stayed at 216 MB, so the actor's
 # memory grew with the number of shards scored. BatchNorm is in eval mode: padding rows change nothing.
 SHAPE_STEP = 32
+# Every TRIM_EVERY batches the actor hands the C heap's free pages back to the OS (glibc malloc_trim): freed
+# batch and activation buffers stayed with the allocator, and the actor's own memory crept up with the
+# number of shards scored (RssAnon 1.18-1.27x from 2 to 32 shards; 1.04x with the trim).
+TRIM_EVERY = 64
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0), or a no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda _pad: 0
 
 
 def projection_matrix(in_dim: int, out_dim: int, seed: int) -> Optional[torch.Tensor]:
@@ -92,6 +106,7 @@ class TeacherScorer:
         self.m_scored = ray_metric("odsd_score_images_scored_total")
         self.m_damaged = ray_metric("odsd_score_images_damaged_total")
         self.m_latency = ray_metric("odsd_score_batch_latency_seconds")
+        self.trim, self.calls = _malloc_trim(), 0
 
     @torch.no_grad()
     def _forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +145,9 @@ class TeacherScorer:
             self.m_scored.inc(len(ok))
         for r in set(reason[reason != ""]):
             self.m_damaged.inc(int((reason == r).sum()), tags={"reason": r})
+        self.calls += 1
+        if self.calls % TRIM_EVERY == 0:
+            self.trim(0)
         arrays = [
             pa.array(batch["key"], pa.string()),
             pa.array(batch["shard"], pa.string()),
