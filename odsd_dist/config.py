@@ -79,7 +79,7 @@ class ScoreConfig(Section):
     num_gpus: float = Field(0.0, ge=0)  # per actor
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # "jit": the teacher frozen with TorchScript (BN folded, conv+ReLU fused; models/inference.py), float32
+    # "jit": the teacher frozen with TorchScript (BN folded, oneDNN layout; models/inference.py), float32
     # only, eager otherwise or when tracing fails. Same results to float32 rounding, so not a TABLE_KEY.
     inference: Literal["jit", "eager"] = "jit"
     topk: Optional[int] = Field(None, ge=1)  # default min(C, 10)

@@ -6,8 +6,8 @@ CPU the convolutions kept in oneDNN's blocked layout between layers. The classif
 frozen, its oneDNN linear rounds a row differently depending on its position in the batch (1 ulp), and a
 row's scores must not depend on the batch Ray Data put it in (a resumed run writes the same table as an
 uninterrupted one; tests/test_models.py checks this). The math is the eager module's to float32 rounding
-(~2e-6 on ResNet-20 logits). On the 2-core reference machine the teacher forward is ~1.25x faster for
-ResNet-20 at 32 px (docs/BENCHMARKS.md). A model that cannot be traced falls back to eager, with a
+(~2e-6 on ResNet-20 logits). On the 2-core reference machine the teacher forward is 1.5-1.7x faster for
+ResNet-20 at 32 px (docs/BENCHMARKS.md, scoring). A model that cannot be traced falls back to eager, with a
 warning; "eager" asks for the module as it is.
 """
 from __future__ import annotations
@@ -33,10 +33,11 @@ class Features(nn.Module):
         return self.model.forward_features(x)
 
 
-class FrozenForward:
-    """(logits, features): traced, frozen features; the model's own classifier on them."""
+class LogitsAndFeatures:
+    """(logits, features): the given feature extractor (the model's own or a frozen trace of it), then the
+    model's classifier on its output."""
 
-    def __init__(self, features: torch.jit.ScriptModule, model: nn.Module):
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor], model: nn.Module):
         self.features, self.model = features, model
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,21 +45,10 @@ class FrozenForward:
         return self.model.classify(f), f
 
 
-class LogitsAndFeatures(nn.Module):
-    """forward(x) -> (logits, features) of a zoo model."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.model.forward_features(x)
-        return self.model.classify(f), f
-
-
 def inference_forward(model: nn.Module, example: torch.Tensor, mode: str = "jit") -> tuple[Callable, str]:
     """(forward returning (logits, features), the mode actually used: "jit" or "eager")."""
-    eager = LogitsAndFeatures(model).eval()
+    model.eval()
+    eager = LogitsAndFeatures(model.forward_features, model)
     if mode == "eager":
         return eager, "eager"
     try:
@@ -67,7 +57,7 @@ def inference_forward(model: nn.Module, example: torch.Tensor, mode: str = "jit"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(Features(model).eval(), example, check_trace=False)
-            frozen = FrozenForward(torch.jit.optimize_for_inference(torch.jit.freeze(traced)), model)
+            frozen = LogitsAndFeatures(torch.jit.optimize_for_inference(torch.jit.freeze(traced)), model)
             frozen(example)  # the first call runs the graph executor's passes; fail here, not mid-run
         return frozen, "jit"
     except Exception as e:  # noqa: BLE001 - any tracing failure: the eager module still scores correctly

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .blocks import PassTimer, col_np, count_scanned, features_np, from_fixed, qsum, quantise, run_pass, row_hash
+from .blocks import (PassTimer, col_np, count_scanned, features_f16, features_np, from_fixed, qsum, quantise,
+                     row_hash, run_pass)
 from .config import APSConfig
 from .quota import class_quotas
 from .topk import CLS, RANK, TopKMerger, per_class_topq, with_rank
@@ -63,7 +64,8 @@ def stats_block(batch: pa.Table, c: int, d: int, weight: str, confident: Optiona
     pred = col_np(batch, "pred", np.int64)
     mp = col_np(batch, "maxprob", np.float64)
     ne = -col_np(batch, "energy", np.float64)
-    f = features_np(batch, d)
+    raw = features_f16(batch, d)  # the sample keeps these bits; the sums use them as float32
+    f = raw.astype(np.float32)
     w = mp if weight == "maxprob" else np.ones(n)
     onehot = np.zeros((c, n))
     onehot[pred, np.arange(n)] = 1.0
@@ -79,7 +81,6 @@ def stats_block(batch: pa.Table, c: int, d: int, weight: str, confident: Optiona
     if confident is not None:
         conf = onehot * (mp >= confident)[None, :]
         parts["sum_cwf"], parts["sum_cw"] = _class_sums(conf, qwf), _class_sums(conf, qw)
-    raw = batch.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, d)
     # the cosine sample: rows picked by content (not by block or arrival order), all when keep_below is None
     picked = np.ones(n, bool) if keep_below is None else row_hash(raw) < np.uint64(keep_below)
     parts["sample_pred"], parts["sample_f"] = pred[picked], raw[picked].reshape(-1)
@@ -122,18 +123,13 @@ class PoolStats:
             s = s - w[:, None] * self.mean_feature()[None, :]
         return _normalise(s)[:, None, :]
 
-    def cosine_stats(self, protos: np.ndarray) -> tuple[float, float]:
-        """Pool mean/std of cos(f, mu_pred) (max over a class's modes), measured on the sample.
+    def sample_cosine(self, protos: np.ndarray) -> np.ndarray:
+        """cos(f, mu_pred) (max over a class's modes) of every sample row."""
+        return cosine_to_prototype(self.sample_f, self.sample_pred, protos)
 
-        The per-row cosines are exact and elementwise and their sums fixed point."""
-        r = cosine_to_prototype(self.sample_f, self.sample_pred, protos)
-        m = max(len(r), 1)
-        s = from_fixed(np.array([qsum(quantise(r, S_P)), qsum(quantise(r * r, S_P))]), S_P)
-        return s[0] / m, _std(s[0], s[1], m)
-
-    def sample_scores(self, protos: np.ndarray, z: dict) -> np.ndarray:
-        """The APS score of every sample row (float32, as select_block computes it for pool rows)."""
-        return combine(z, self.sample_mp, cosine_to_prototype(self.sample_f, self.sample_pred, protos), self.sample_ne)
+    def sample_scores(self, r: np.ndarray, z: dict) -> np.ndarray:
+        """The APS score of every sample row from its cosines r (float32, as select_block scores pool rows)."""
+        return combine(z, self.sample_mp, r, self.sample_ne)
 
     def sample_order(self, score: np.ndarray) -> list[np.ndarray]:
         """Per class, the indices of its sample rows, best score first (ties: canonical order)."""
@@ -290,8 +286,13 @@ def next_prototypes(pred: np.ndarray, f: np.ndarray, w: np.ndarray, prev: np.nda
 # ----------------------------------------------------------------------------------------- driver
 
 
-def _z(cfg: APSConfig, stats: PoolStats, protos: np.ndarray) -> dict:
-    r_mean, r_std = stats.cosine_stats(protos)
+def _z(cfg: APSConfig, stats: PoolStats, r: np.ndarray) -> dict:
+    """The z-score constants; the cosine's pool mean/std are measured on the sample's cosines r.
+
+    The per-row cosines are exact and elementwise and their sums fixed point."""
+    m = max(len(r), 1)
+    s = from_fixed(np.array([qsum(quantise(r, S_P)), qsum(quantise(r * r, S_P))]), S_P)
+    r_mean, r_std = s[0] / m, _std(s[0], s[1], m)
     return {"a_c": cfg.a_c, "a_r": cfg.a_r, "a_e": cfg.a_e, "mp_mean": stats.mp_mean,
             "mp_std": max(stats.mp_std, 1e-12), "ne_mean": stats.ne_mean, "ne_std": max(stats.ne_std, 1e-12),
             "r_mean": r_mean, "r_std": max(r_std, 1e-12)}
@@ -309,8 +310,9 @@ def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int,
     info = {"candidates": stats.counts.tolist(), "quotas": quotas.tolist(), "sample_rows": len(stats.sample_pred),
             "rounds": []}
     for t in range(1, cfg.rounds + 1):
-        z = _z(cfg, stats, protos)
-        score = stats.sample_scores(protos, z)
+        r = stats.sample_cosine(protos)
+        z = _z(cfg, stats, r)
+        score = stats.sample_scores(r, z)
         order = stats.sample_order(score)
         info["rounds"].append({"round": t, "z": {k: round(float(v), 6) for k, v in z.items()},
                                "prototypes": int(protos.shape[1])})

@@ -33,14 +33,18 @@ def col_np(table: pa.Table, name: str, dtype=None) -> np.ndarray:
     return a if dtype is None else a.astype(dtype, copy=False)
 
 
-def features_np(table: pa.Table, d: int, name: str = "feature") -> np.ndarray:
-    """fixed_size_list<float16>[d] column -> float32 (n, d)."""
+def features_f16(table: pa.Table, d: int, name: str = "feature") -> np.ndarray:
+    """fixed_size_list<float16>[d] column -> its float16 (n, d) values, as stored."""
     col = table.column(name)
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if len(arr) == 0:
-        return np.zeros((0, d), np.float32)
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(arr), d).astype(np.float32)
+        return np.zeros((0, d), np.float16)
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), d)
+
+
+def features_np(table: pa.Table, d: int, name: str = "feature") -> np.ndarray:
+    """fixed_size_list<float16>[d] column -> float32 (n, d)."""
+    return features_f16(table, d, name).astype(np.float32)
 
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
