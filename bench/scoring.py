@@ -5,8 +5,10 @@
 
 Measures, on the same tars, teacher and batch size:
   1. decode-only images/s (the project's decoder, one process per core)   -- a machine limit
-  2. teacher-forward-only images/s on pre-decoded tensors (all cores), with the eager module and with
-     the frozen forward `odsd score` uses (score.inference=jit, models/inference.py) -- a machine limit
+  2. teacher-forward-only images/s on pre-decoded tensors (all cores), run as the scoring actor runs it:
+     the eager module and the frozen forward (score.inference=jit, models/inference.py) on all cores'
+     OpenMP threads, and the frozen forward as one single-threaded stream per core (score.streams, the
+     actor's default on CPU) -- the machine's forward limit is the best of these
   3. a plain single-process loop: webdataset + torch DataLoader (2 workers) + teacher, as a user would
      write it (the eager module), and the same loop given the frozen forward
   4. `odsd score` on all shards (fresh output), and on 2 shards, with the peak RSS of the driver
@@ -73,10 +75,17 @@ def _forward(teacher: str, batch: int, mode: str):
     return fwd, meta
 
 
-def forward_only(teacher: str, shards: list[str], batch: int, threads: int, images: int, mode: str) -> dict:
-    torch.set_num_threads(threads)
-    fwd, meta = _forward(teacher, batch, mode)
-    size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
+def forward_only(teacher: str, shards: list[str], batch: int, threads: int, images: int, mode: str, streams: int = 1) -> dict:
+    """Teacher forward on pre-decoded uint8 images, run exactly as the scoring actor runs it
+    (`TeacherScorer._forward`: normalise, pad, forward; `streams` single-threaded forwards side by side,
+    or one forward on `threads` OpenMP threads when streams=1)."""
+    from odsd_dist.score.scorer import TeacherScorer
+
+    scorer = TeacherScorer(teacher, "cpu", "float32", topk=1, feature_dim=1 << 16, seed=0, threads=threads,
+                           inference=mode, streams=streams)
+    if scorer.inference != mode:
+        raise SystemExit(f"teacher forward: asked for {mode}, got {scorer.inference}")
+    size, channels = int(scorer.meta["input_size"]), int(scorer.meta.get("in_chans", 3))
     xs = []
     for path in shards:
         for s in iter_samples(path):
@@ -92,15 +101,15 @@ def forward_only(teacher: str, shards: list[str], batch: int, threads: int, imag
         if len(xs) >= images:
             break
     arr = np.stack(xs)
-    with torch.no_grad():
-        fwd(normalize(torch.from_numpy(arr[:batch]), meta))  # warm-up
-        t0 = time.perf_counter()
-        for i in range(0, len(arr) - batch + 1, batch):
-            z, _ = fwd(normalize(torch.from_numpy(arr[i:i + batch]), meta))
-            torch.softmax(z, 1).max(1)
-        dt = time.perf_counter() - t0
+    scorer._forward(arr[:batch])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(arr) - batch + 1, batch):
+        z, _ = scorer._forward(arr[i:i + batch])
+        torch.softmax(z, 1).max(1)
+    dt = time.perf_counter() - t0
     n = (len(arr) // batch) * batch
-    return {"images": n, "seconds": dt, "images_per_s": n / dt, "threads": threads, "inference": mode}
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "threads": threads, "streams": scorer.streams,
+            "inference": mode}
 
 
 class _WdsDecode:
@@ -192,24 +201,28 @@ def main() -> None:
                        "cpu": platform.processor() or platform.machine()},
            "pool": args.pool, "shards": len(shards), "batch": args.batch, "teacher_arch": meta["arch"],
            "odsd_score_set": args.extra}
-    print(f"[1/7] decode only ({cores} processes)", file=sys.stderr)
+    print(f"[1/8] decode only ({cores} processes)", file=sys.stderr)
     res["decode_only"] = decode_only(shards, size, channels, cores)
-    print("[2/7] teacher forward only, eager module", file=sys.stderr)
+    print("[2/8] teacher forward only, eager module", file=sys.stderr)
     res["forward_only_eager"] = forward_only(args.teacher, shards, args.batch, cores, args.forward_images, "eager")
-    print("[3/7] teacher forward only, frozen (score.inference=jit)", file=sys.stderr)
+    print("[3/8] teacher forward only, frozen (score.inference=jit), one forward on all threads", file=sys.stderr)
     res["forward_only"] = forward_only(args.teacher, shards, args.batch, cores, args.forward_images, "jit")
-    print("[4/7] plain loop (webdataset + DataLoader, 2 workers), eager module", file=sys.stderr)
+    print("[4/8] teacher forward only, frozen, one single-threaded stream per core", file=sys.stderr)
+    res["forward_only_streams"] = forward_only(args.teacher, shards, args.batch, cores, args.forward_images, "jit", cores)
+    print("[5/8] plain loop (webdataset + DataLoader, 2 workers), eager module", file=sys.stderr)
     res["plain_loop"] = plain_loop(args.teacher, shards, args.batch, 2, cores, "eager")
-    print("[5/7] plain loop, frozen forward", file=sys.stderr)
+    print("[6/8] plain loop, frozen forward", file=sys.stderr)
     res["plain_loop_jit"] = plain_loop(args.teacher, shards, args.batch, 2, cores, "jit")
-    print("[6/7] odsd score, 2 shards", file=sys.stderr)
+    print("[7/8] odsd score, 2 shards", file=sys.stderr)
     res["odsd_score_2"] = odsd_score(args.teacher, shards[:2], args.batch, args.actors, extra)
-    print(f"[7/7] odsd score, {len(shards)} shards", file=sys.stderr)
+    print(f"[8/8] odsd score, {len(shards)} shards", file=sys.stderr)
     res["odsd_score_all"] = odsd_score(args.teacher, shards, args.batch, args.actors, extra, args.keep)
-    # the lower limit: the slower of decoding and the forward `odsd score` runs (frozen unless
-    # score.inference=eager is passed with --set)
+    # the lower limit: the slower of decoding and the machine's best teacher forward (the frozen one, either
+    # way of threading it, unless score.inference=eager is passed with --set)
     mode = "eager" if "score.inference=eager" in args.extra else "jit"
-    fwd_limit = res["forward_only"] if mode == "jit" else res["forward_only_eager"]
+    fwd_limit = (res["forward_only_eager"] if mode == "eager" else
+                 max(res["forward_only"], res["forward_only_streams"], key=lambda r: r["images_per_s"]))
+    res["forward_limit"] = fwd_limit
     lower = min(res["decode_only"]["images_per_s"], fwd_limit["images_per_s"])
     pipe = res["odsd_score_all"]["images_per_s"]
     res["ratios"] = {"pipeline_vs_lower_limit": pipe / lower, "pipeline_vs_plain_loop": pipe / res["plain_loop"]["images_per_s"],
@@ -222,9 +235,10 @@ def main() -> None:
     rows = [("decode only (limit)", res["decode_only"]["images_per_s"]),
             ("teacher forward only, eager", res["forward_only_eager"]["images_per_s"]),
             ("teacher forward only, frozen", res["forward_only"]["images_per_s"]),
+            ("  ... frozen, 1 stream per core", res["forward_only_streams"]["images_per_s"]),
             ("plain loop: wds + DataLoader(2)", res["plain_loop"]["images_per_s"]),
             ("plain loop, frozen forward", res["plain_loop_jit"]["images_per_s"]),
-            (f"odsd score, 2 shards", res["odsd_score_2"]["images_per_s"]),
+            ("odsd score, 2 shards", res["odsd_score_2"]["images_per_s"]),
             (f"odsd score, {len(shards)} shards", pipe)]
     print(f"\n{'what':<36}{'images/s':>12}")
     for name, v in rows:

@@ -74,6 +74,11 @@ class ScoreConfig(Section):
     # torch threads per scoring actor (default: actor_cpus rounded up). Ray's CPU count is a reservation,
     # not a limit: on a 2-core node actor_cpus=1.5 + decode_cpus=0.5 runs a 2-thread teacher beside decoding.
     threads: Optional[int] = Field(None, ge=1)
+    # CPU: the actor's threads run the teacher as this many independent single-threaded forwards, each on a
+    # slice of the batch (default: one per thread; 1 = one forward on `threads` OpenMP threads). Independent
+    # streams never wait for each other at an OpenMP barrier when decoding takes a core away for a moment:
+    # 1.2-1.3x the 2-thread forward on the 2-core reference machine (docs/BENCHMARKS.md). GPU: always 1.
+    streams: Optional[int] = Field(None, ge=1)
     decode_cpus: float = Field(0.5, gt=0)  # read+decode tasks; differs from actor_cpus so Ray does not fuse them into the actor
     block_mb: float = Field(1.0, gt=0)  # Ray Data block size target: small blocks keep decode and scoring pipelined
     num_gpus: float = Field(0.0, ge=0)  # per actor

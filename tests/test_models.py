@@ -196,3 +196,32 @@ def test_frozen_forward_matches_eager_and_ignores_batch_position(arch, threads):
                     assert torch.equal(torch.roll(fp, -shift, 0), f[start:start + size]), (size, start, shift)
     finally:
         torch.set_num_threads(old)
+
+
+def test_scorer_streams_equal_one_thread_bit_for_bit(tmp_path):
+    """score.streams: the scoring actor splits a batch into single-threaded forwards side by side; every row
+    comes out bit-identical to one single-threaded forward of the whole batch, whatever the batch size."""
+    import numpy as np
+
+    from fixtures import make_teacher
+    from odsd_dist.score.scorer import TeacherScorer
+
+    weights = make_teacher(tmp_path / "t.safetensors", arch="resnet8")
+    old = torch.get_num_threads()
+    try:
+        one = TeacherScorer(weights, "cpu", "float32", topk=3, feature_dim=64, seed=0, threads=1)
+        two = TeacherScorer(weights, "cpu", "float32", topk=3, feature_dim=64, seed=0, threads=2)
+        assert (one.streams, two.streams, one.pool) == (1, 2, None)
+        images = np.random.default_rng(0).integers(0, 256, (150, 32, 32, 3), dtype=np.uint8)
+
+        def batch(lo, hi):
+            n = hi - lo
+            return {"key": [f"k{i}" for i in range(lo, hi)], "shard": ["s"] * n, "url": [""] * n,
+                    "reason": [""] * n, "detail": [""] * n, "image": images[lo:hi]}
+
+        want = one(batch(0, 150))
+        for lo, hi in ((0, 150), (0, 33), (20, 130), (149, 150)):
+            got = two(batch(lo, hi))
+            assert got.equals(want.slice(lo, hi - lo)), (lo, hi)
+    finally:
+        torch.set_num_threads(old)

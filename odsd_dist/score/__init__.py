@@ -164,7 +164,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         fn_constructor_kwargs={"weights": os.path.abspath(cfg.teacher.weights), "device": sc.device, "dtype": sc.dtype,
                                "inference": sc.inference,
                                "topk": p["topk"], "feature_dim": sc.feature_dim, "seed": cfg.seed,
-                               "threads": sc.threads or max(1, math.ceil(sc.actor_cpus))},
+                               "threads": sc.threads or max(1, math.ceil(sc.actor_cpus)), "streams": sc.streams},
     )
     projection = None
     if p["teacher"]["feature_dim"] > sc.feature_dim:

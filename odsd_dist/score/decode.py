@@ -27,37 +27,39 @@ def _url_of(meta_bytes) -> str:
     return url if isinstance(url, str) else ""
 
 
-def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int) -> dict:
-    """Decode one batch of webdataset rows into images plus identity and damage columns."""
-    n = len(batch)
+def _columns(batch) -> dict[str, list]:
+    """Each column of a pyarrow or pandas batch as a Python list (one conversion, not one lookup per row)."""
+    if isinstance(batch, pd.DataFrame):
+        return {c: batch[c].tolist() for c in batch.columns}
+    return {c: batch.column(c).to_pylist() for c in batch.column_names}
+
+
+def decode_rows(batch, size: int, channels: int, max_pixels: int) -> dict:
+    """Decode one batch of webdataset rows (pyarrow or pandas) into images plus identity and damage columns."""
+    cols = _columns(batch)
+    n = len(cols["__key__"])
     images = np.zeros((n, size, size, channels), dtype=np.uint8)
-    reasons, details, keys, shards, urls = [], [], [], [], []
-    cols = [c for c in IMAGE_EXTS if c in batch.columns]
-    json_col = batch["json"] if "json" in batch.columns else None
+    reasons, details = [""] * n, [""] * n
+    image_cols = [(c, cols[c]) for c in IMAGE_EXTS if c in cols]
+    json_col = cols.get("json")
     for i in range(n):
-        keys.append(str(batch["__key__"].iat[i]))
-        shards.append(Path(str(batch["__url__"].iat[i])).stem)
-        urls.append(_url_of(json_col.iat[i]) if json_col is not None else "")
         ext, data = None, None
-        for c in cols:
-            v = batch[c].iat[i]
+        for c, values in image_cols:
+            v = values[i]
             if isinstance(v, (bytes, bytearray)):
                 ext, data = c, v
                 break
-        reason, detail = "", ""
         if ext is None:
-            reason, detail = "no_image", "no image member (" + ",".join(IMAGE_EXTS) + ")"
-        else:
-            try:
-                images[i] = decode_image(bytes(data), ext, size, channels, max_pixels)
-            except Damaged as d:
-                reason, detail = d.reason, str(d.detail)[:500]
-        reasons.append(reason)
-        details.append(detail)
+            reasons[i], details[i] = "no_image", "no image member (" + ",".join(IMAGE_EXTS) + ")"
+            continue
+        try:
+            images[i] = decode_image(bytes(data), ext, size, channels, max_pixels)
+        except Damaged as d:
+            reasons[i], details[i] = d.reason, str(d.detail)[:500]
     return {
-        "key": np.array(keys, dtype=object),
-        "shard": np.array(shards, dtype=object),
-        "url": np.array(urls, dtype=object),
+        "key": np.array([str(k) for k in cols["__key__"]], dtype=object),
+        "shard": np.array([Path(str(u)).stem for u in cols["__url__"]], dtype=object),
+        "url": np.array([_url_of(m) for m in json_col] if json_col is not None else [""] * n, dtype=object),
         "reason": np.array(reasons, dtype=object),
         "detail": np.array(details, dtype=object),
         "image": images,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -87,10 +88,13 @@ class TeacherScorer:
     """Callable class for `map_batches`: loads the teacher once, scores every batch it is given."""
 
     def __init__(self, weights: str, device: str, dtype: str, topk: int, feature_dim: int, seed: int, threads: int = 0,
-                 inference: str = "jit"):
-        if threads:
-            torch.set_num_threads(threads)
+                 inference: str = "jit", streams: Optional[int] = None):
         self.device = torch.device(device)
+        # CPU: `threads` single-threaded forwards side by side (config.ScoreConfig.streams), unless told otherwise
+        self.streams = 1 if self.device.type != "cpu" else (streams or threads or 1)
+        if threads:
+            torch.set_num_threads(1 if self.streams > 1 else threads)
+        self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="teacher") if self.streams > 1 else None
         self.model, self.meta = load_model(weights, map_location="cpu")
         self.model.eval().to(self.device)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -108,8 +112,16 @@ class TeacherScorer:
         self.m_latency = ray_metric("odsd_score_batch_latency_seconds")
         self.trim, self.calls = _malloc_trim(), 0
 
-    @torch.no_grad()
     def _forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) of a batch: in `streams` slices of whole SHAPE_STEP multiples, side by side."""
+        step = SHAPE_STEP * max(1, math.ceil(len(images) / SHAPE_STEP / self.streams))
+        if self.pool is None or len(images) <= step:
+            return self._forward_one(images)
+        parts = list(self.pool.map(self._forward_one, [images[i:i + step] for i in range(0, len(images), step)]))
+        return torch.cat([z for z, _ in parts]), torch.cat([f for _, f in parts])
+
+    @torch.no_grad()
+    def _forward_one(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         m = len(images)
         pad = -m % SHAPE_STEP  # a few batch shapes only (see SHAPE_STEP)
         if pad:
