@@ -112,15 +112,35 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
+def _is_float(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t)
+
+
+def parquet_options(schema: pa.Schema) -> dict:
+    """zstd; dictionary encoding only where it can pay (not on float columns: Parquet's dictionary attempt
+    on a score table's 64 float16 features per row made writing ~2.5x and reading ~2x slower); float
+    columns byte-stream-split (their bytes grouped by significance: zstd packs them tighter)."""
+    dictionary, split = [], []
+    for field in schema:
+        t = field.type
+        if _is_float(t):
+            split.append(field.name)
+        elif (pa.types.is_list(t) or pa.types.is_fixed_size_list(t)) and _is_float(t.value_type):
+            split.append(f"{field.name}.list.element")
+        else:
+            dictionary.append(field.name)
+    return {"compression": "zstd", "use_dictionary": dictionary, "use_byte_stream_split": split}
+
+
 def write_table(table: pa.Table, path: str | os.PathLike, meta: Optional[dict] = None) -> None:
-    """Write a Parquet table atomically (zstd), with odsd metadata when given."""
+    """Write a Parquet table atomically (parquet_options), with odsd metadata when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if meta is not None:
         table = with_meta(table, meta)
     tmp = _tmp_path(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, **parquet_options(table.schema))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -99,27 +99,6 @@ def _shard_table(rng, start: int, rows: int, shard: str, protos: np.ndarray, ood
     return table, prov
 
 
-def _write(table: pa.Table, path: Path, meta: dict) -> None:
-    """Like tables.write_table (zstd, atomic), but no dictionary encoding for the float16 features:
-    Parquet's dictionary attempt on 64 float16 values per row makes writing ~2.5x and reading ~2x
-    slower (measured on 300k rows), and generation must not dominate the benchmarks."""
-    import os
-
-    import pyarrow.parquet as pq
-
-    from ..tables import _tmp_path, with_meta
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        pq.write_table(with_meta(table, meta), tmp, compression="zstd",
-                       use_dictionary=[c for c in table.column_names if c != "feature"])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def make_score_tables(folder, rows: int, num_classes: int = 10, feature_dim: int = 64, shards: int = 4,
                       seed: int = 0, *, in_domain: float = 0.4, class_weights: Optional[Sequence[float]] = None,
                       topk: int = 10, class_names: Optional[Sequence[str]] = None, provenance: bool = True,
@@ -159,7 +138,7 @@ def make_score_tables(folder, rows: int, num_classes: int = 10, feature_dim: int
             keep = pc.invert(pc.is_in(table.column("pred"), value_set=pa.array(list(drop_pred), pa.int32())))
             table, prov = table.filter(keep), (prov.filter(keep) if prov is not None else None)
         path = folder / "scores" / f"{shard}.parquet"
-        _write(table, path, meta)
+        write_table(table, path, meta)
         files.append(str(path))
         if provenance:
             prov_parts.append(prov)
