@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .blocks import (PassTimer, col_np, count_scanned, features_f16, features_np, from_fixed, qsum, quantise,
+from .blocks import (PassTimer, col_np, count_scanned, f64_chunks, features_f16, from_fixed, qsum, quantise,
                      row_hash, run_pass)
 from .config import APSConfig
 from .quota import class_quotas
@@ -47,14 +47,20 @@ def _unpack_rows(table: pa.Table) -> list[dict]:
 # ----------------------------------------------------------------------------------------- stats pass
 
 
-# fixed-point scales of the mergeable sums (value = int / scale); every row is quantised before summing
-S_P, S_E, S_F = 2.0 ** 20, 2.0 ** 12, 2.0 ** 12
+# Fixed-point scales of the mergeable sums (value = int / scale). Every row's contribution sits on a fixed grid
+# before summing, so the totals are exact and independent of block cuts and merge order. Float16 features
+# are multiples of 2^-24 (|f| <= 1) and weights are rounded to multiples of 2^-12, so the per-class GEMMs
+# below are exact in float64: sum f on the 2^-24 grid, sum w f on the 2^-36 grid, over at most 2^16 rows at
+# a time (every partial sum then fits float64's 53 bits; f64_chunks' 8192 rows are well below). The driver adds
+# the blocks' int64 sums as Python integers (no overflow however large the pool).
+S_P, S_E, S_W, S_F16, S_WF = 2.0 ** 20, 2.0 ** 12, 2.0 ** 12, 2.0 ** 24, 2.0 ** 36
 
 
-def _class_sums(onehot: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """(C, ...) per-class sums of integer-valued float64 rows as int64: a GEMM with the 0/1 class matrix is
-    exact (every partial sum is an integer below 2^53), so the result does not depend on BLAS's order."""
-    return (onehot @ q).astype(np.int64)
+def _class_sums(onehot: np.ndarray, x: np.ndarray, scale: float) -> np.ndarray:
+    """(C, ...) per-class sums, as int64 at `scale`, of rows x weighted by a (C, n) class matrix (0/1, or a
+    row's weight in its class's row) whose products with x lie on the 1/scale grid: an exact GEMM (callers
+    keep n small enough for every partial sum to fit 53 bits), so BLAS's summation order cannot matter."""
+    return ((onehot @ x) * scale).astype(np.int64)
 
 
 def stats_block(batch: pa.Table, c: int, d: int, weight: str, confident: Optional[float],
@@ -64,23 +70,26 @@ def stats_block(batch: pa.Table, c: int, d: int, weight: str, confident: Optiona
     pred = col_np(batch, "pred", np.int64)
     mp = col_np(batch, "maxprob", np.float64)
     ne = -col_np(batch, "energy", np.float64)
-    raw = features_f16(batch, d)  # the sample keeps these bits; the sums use them as float32
-    f = raw.astype(np.float32)
-    w = mp if weight == "maxprob" else np.ones(n)
-    onehot = np.zeros((c, n))
-    onehot[pred, np.arange(n)] = 1.0
-    qwf = quantise(f * w[:, None], S_F)
-    qw = quantise(w, S_P)
+    raw = features_f16(batch, d)  # the sample keeps these bits
+    w = quantise(mp if weight == "maxprob" else np.ones(n), S_W) / S_W
+    rows = np.arange(n)
+    onehot, onehot_w = np.zeros((c, n)), np.zeros((c, n))
+    onehot[pred, rows], onehot_w[pred, rows] = 1.0, w
+    classes = {"sum_f": (onehot, S_F16), "sum_wf": (onehot_w, S_WF)}
+    if confident is not None:
+        classes["sum_cwf"] = (onehot_w * (mp >= confident)[None, :], S_WF)
     parts = {
         "n": np.array([n], np.int64), "counts": np.bincount(pred, minlength=c)[:c].astype(np.int64),
         "mp": np.array([qsum(quantise(mp, S_P)), qsum(quantise(mp * mp, S_P))], np.int64),
         "ne": np.array([qsum(quantise(ne, S_E)), qsum(quantise(ne * ne, S_E))], np.int64),
-        "sum_f": _class_sums(onehot, quantise(f, S_F)), "sum_wf": _class_sums(onehot, qwf),
-        "sum_w": _class_sums(onehot, qw),
+        "sum_w": _class_sums(onehot_w, np.ones(n), S_W),
+        **{k: np.zeros((c, d), np.int64) for k in classes},
     }
     if confident is not None:
-        conf = onehot * (mp >= confident)[None, :]
-        parts["sum_cwf"], parts["sum_cw"] = _class_sums(conf, qwf), _class_sums(conf, qw)
+        parts["sum_cw"] = _class_sums(classes["sum_cwf"][0], np.ones(n), S_W)
+    for i, f in f64_chunks(raw):  # float16 -> float64 is exact
+        for k, (m, scale) in classes.items():
+            parts[k] += _class_sums(m[:, i:i + len(f)], f, scale)
     # the cosine sample: rows picked by content (not by block or arrival order), all when keep_below is None
     picked = np.ones(n, bool) if keep_below is None else row_hash(raw) < np.uint64(keep_below)
     parts["sample_pred"], parts["sample_f"] = pred[picked], raw[picked].reshape(-1)
@@ -168,7 +177,7 @@ def stats_pass(files, c, d, cfg: APSConfig, batch_rows: int, timer: PassTimer, r
                 if k in sample:
                     sample[k].append(v)
                 else:
-                    acc[k] = acc[k] + v if k in acc else v.astype(np.int64)
+                    acc[k] = acc[k] + v.astype(object) if k in acc else v.astype(object)  # Python ints: exact
 
     kwargs = dict(c=c, d=d, weight=cfg.prototype_weight, confident=confident, keep_below=keep_below)
     timer.run("stats", rows, run_pass(files, ["pred", "maxprob", "energy", "feature"], stats_block, kwargs, batch_rows), consume)
@@ -180,11 +189,11 @@ def stats_pass(files, c, d, cfg: APSConfig, batch_rows: int, timer: PassTimer, r
     order = np.lexsort((sne, smp, sp, row_hash(sf)))
     sp, sf, smp, sne = sp[order].astype(np.int64), sf[order].astype(np.float32), smp[order], sne[order]
     return PoolStats(
-        n=n, counts=acc["counts"], mp_mean=mp[0] / n, mp_std=_std(mp[0], mp[1], n), ne_mean=ne[0] / n,
-        ne_std=_std(ne[0], ne[1], n), sum_f=from_fixed(acc["sum_f"], S_F).reshape(c, d),
-        sum_wf=from_fixed(acc["sum_wf"], S_F).reshape(c, d), sum_w=from_fixed(acc["sum_w"], S_P),
-        sum_cwf=from_fixed(acc["sum_cwf"], S_F).reshape(c, d) if "sum_cwf" in acc else None,
-        sum_cw=from_fixed(acc["sum_cw"], S_P) if "sum_cw" in acc else None,
+        n=n, counts=acc["counts"].astype(np.int64), mp_mean=mp[0] / n, mp_std=_std(mp[0], mp[1], n), ne_mean=ne[0] / n,
+        ne_std=_std(ne[0], ne[1], n), sum_f=from_fixed(acc["sum_f"], S_F16).reshape(c, d),
+        sum_wf=from_fixed(acc["sum_wf"], S_WF).reshape(c, d), sum_w=from_fixed(acc["sum_w"], S_W),
+        sum_cwf=from_fixed(acc["sum_cwf"], S_WF).reshape(c, d) if "sum_cwf" in acc else None,
+        sum_cw=from_fixed(acc["sum_cw"], S_W) if "sum_cw" in acc else None,
         sample_pred=sp, sample_f=sf, sample_mp=smp, sample_ne=sne,
     )
 
@@ -192,21 +201,33 @@ def stats_pass(files, c, d, cfg: APSConfig, batch_rows: int, timer: PassTimer, r
 # --------------------------------------------------------------------------------------- scoring
 
 
-def cosine_to_prototype(f: np.ndarray, pred: np.ndarray, protos: np.ndarray) -> np.ndarray:
-    """cos(f, mu_pred) (max over the class's modes) in float64, accumulated dimension by dimension.
+# Prototypes are rounded to a 2^-20 grid before the cosine. The features are float16 (multiples of 2^-24, |f| <= 1),
+# so every product f_i mu_i is a multiple of 2^-44 and every partial sum (|.| <= |f||mu| <= ~1) is exact in
+# float64: a BLAS product gives the same bits whatever its summation order, which depends on the array's
+# memory alignment, i.e. on how Ray Data cut the blocks (byte-identical reruns need that).
+S_MU = 2.0 ** 20
+GROUP_ABOVE = 16  # more than this many prototype columns (C x modes): one small GEMM per class
 
-    Only elementwise operations: numpy's SIMD row reductions round differently depending on the
-    array's memory alignment, i.e. on how Ray Data cut the blocks, which broke byte-identical reruns.
-    """
-    r = None
-    fT = np.ascontiguousarray(f.T)
-    for j in range(protos.shape[1]):
-        muT = np.ascontiguousarray(protos[:, j, :].astype(np.float64).T)  # (d, C)
-        rj = np.zeros(len(pred))
-        for i in range(fT.shape[0]):
-            rj += fT[i] * muT[i][pred]
-        r = rj if r is None else np.maximum(r, rj)
-    return r if r is not None else np.zeros(len(pred))
+
+def cosine_to_prototype(f: np.ndarray, pred: np.ndarray, protos: np.ndarray) -> np.ndarray:
+    """cos(f, mu_pred) (max over the class's modes) in float64 for float16-valued features f (n, d)."""
+    n, (c, m, d) = len(pred), protos.shape
+    if n == 0 or m == 0:
+        return np.zeros(n)
+    mu = np.round(np.asarray(protos, dtype=np.float64) * S_MU) / S_MU  # (C, m, d)
+    r = np.zeros(n)
+    if c * m <= GROUP_ABOVE:
+        cols = mu.reshape(c * m, d).T
+        for i, x in f64_chunks(f):
+            r[i:i + len(x)] = (x @ cols).reshape(len(x), c, m)[np.arange(len(x)), pred[i:i + len(x)]].max(axis=1)
+        return r
+    f = np.asarray(f, dtype=np.float64)
+    order = np.argsort(pred, kind="stable")
+    bounds = np.searchsorted(pred[order], np.arange(c + 1))
+    for k in np.flatnonzero(np.diff(bounds)):
+        rows = order[bounds[k]:bounds[k + 1]]
+        r[rows] = (f[rows] @ mu[k].T).max(axis=1)
+    return r
 
 
 def combine(z: dict, c: np.ndarray, r: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -220,7 +241,7 @@ def select_block(batch: pa.Table, d: int, protos: np.ndarray, z: dict, quotas: n
                  payload: list) -> pa.Table:
     """The block's per-class top-quota among its rows scoring at least their class's floor."""
     pred = col_np(batch, "pred", np.int64)
-    r = cosine_to_prototype(features_np(batch, d), pred, protos)
+    r = cosine_to_prototype(features_f16(batch, d), pred, protos)
     score = combine(z, col_np(batch, "maxprob", np.float64), r, -col_np(batch, "energy", np.float64))
     keep = np.flatnonzero(score >= floors[pred])
     count_scanned(batch.num_rows)
