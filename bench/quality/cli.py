@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         raw = run_benchmark(qc, [r.strip() for r in args.rows.split(",")] if args.rows else None)
         given = sys.argv[1:] if argv is None else argv
         command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in given)
-        doc = write_report(raw, qc, command, ROOT)
+        write_report(raw, qc, command, ROOT)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

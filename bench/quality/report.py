@@ -223,7 +223,6 @@ def write_report(raw: dict, qc, command: str, root: Path) -> dict:
     setup = raw["setup"]
     rows = summarise(raw)
     cfg = qc.odsd
-    d = cfg.get("distill") or {}
     from odsd_dist.config import build_config
 
     c0 = build_config(cfg)

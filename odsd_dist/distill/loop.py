@@ -43,8 +43,6 @@ def _say(msg: str) -> None:
 
 
 def _to_device(batch: dict, device, dtype) -> dict:
-    import torch
-
     out = {}
     for k, v in batch.items():
         v = v.to(device, non_blocking=True)

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from .base import ZooModel, init_weights, pool_flatten
-from .resnet_cifar import BasicBlock
 
 
 class Bottleneck(nn.Module):
