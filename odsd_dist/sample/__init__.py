@@ -31,8 +31,8 @@ def _weights(score: np.ndarray, by_score: bool) -> np.ndarray:
     return (w / w.mean()).astype(np.float32)
 
 
-def build_selection(cand: pa.Table, k: int, tau: float, weight_by_score: bool = False, sort: bool = True) -> pa.Table:
-    """Candidates (key, shard, url, pred, topk_idx, topk_logit, _rank) -> SELECTION_SCHEMA rows."""
+def build_selection(cand: pa.Table, k: int, tau: float, weight_by_score: bool = False) -> pa.Table:
+    """Candidates (key, shard, url, pred, topk_idx, topk_logit, _rank) -> SELECTION_SCHEMA rows, in their order."""
     n = cand.num_rows
     score = cand.column("_rank").to_numpy().astype(np.float32) if "_rank" in cand.column_names else col_np(cand, "maxprob", np.float32)
     if n:
@@ -49,12 +49,12 @@ def build_selection(cand: pa.Table, k: int, tau: float, weight_by_score: bool = 
         },
         schema=SELECTION_SCHEMA,
     )
-    return t.sort_by([("pred", "ascending"), ("key", "ascending")]) if sort and n else t
+    return t
 
 
 def _all_block(batch: pa.Table, k: int, tau: float) -> pa.Table:
     count_scanned(batch.num_rows)
-    return build_selection(batch, k, tau, sort=False)
+    return build_selection(batch, k, tau)
 
 
 def _write_all(inp: ScoreInput, sc, path: Path, meta: dict, timer: PassTimer) -> int:
@@ -91,7 +91,7 @@ def select(inp: ScoreInput, sc, seed: int, timer: PassTimer) -> tuple[pa.Table, 
     else:
         cand, info = run_baseline(sc.method, inp.files, inp.rows, inp.num_classes, sc.n, seed, sc.batch_rows, timer)
         by_score = False
-    return build_selection(cand, sc.targets.topk, sc.targets.tau, by_score), info
+    return build_selection(cand, sc.targets.topk, sc.targets.tau, by_score), info  # candidates come in SELECTION_ORDER
 
 
 def _print_summary(s: dict, names: list[str]) -> None:

@@ -28,7 +28,7 @@ from .blocks import (PassTimer, col_np, count_scanned, f64_chunks, features_f16,
                      row_hash, run_pass)
 from .config import APSConfig
 from .quota import class_quotas
-from .topk import CLS, RANK, TopKMerger, per_class_topq, with_rank
+from .topk import CLS, RANK, SELECTION_ORDER, TopKMerger, per_class_topq, with_rank
 
 FINAL_PAYLOAD = ["key", "shard", "url", "pred", "maxprob", "topk_idx", "topk_logit"]
 
@@ -321,7 +321,7 @@ def _z(cfg: APSConfig, stats: PoolStats, r: np.ndarray) -> dict:
 
 def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int, batch_rows: int,
             timer: PassTimer) -> tuple[pa.Table, dict]:
-    """APS over the score files: (candidates sorted by class/score/key with FINAL_PAYLOAD + _cls/_rank, info)."""
+    """APS over the score files: (candidates with FINAL_PAYLOAD + _cls/_rank in SELECTION_ORDER, info)."""
     stats = stats_pass(files, c, d, cfg, batch_rows, timer, rows)
     quotas = class_quotas(n, stats.counts)
     protos = stats.prototypes(cfg.prototype_source, cfg.center)
@@ -360,4 +360,4 @@ def _select(files, rows, cols, d, protos, z, quotas, floors, batch_rows, timer, 
     timer.run(name, rows, run_pass(files, cols, select_block, kwargs, batch_rows), merger.add)
     score_schema = pq.read_schema(files[0])  # for an empty result (blocks with no rows left are not yielded)
     schema = pa.schema([score_schema.field(k) for k in FINAL_PAYLOAD] + [pa.field(CLS, pa.int32()), pa.field(RANK, pa.float64())])
-    return merger.result(schema), merger.peak_rows
+    return merger.result(schema, SELECTION_ORDER), merger.peak_rows

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from .blocks import PassTimer, col_np, count_scanned, key_uniform, run_pass
 from .quota import class_quotas
-from .topk import TopKMerger, per_class_topq, with_rank
+from .topk import SELECTION_ORDER, TopKMerger, per_class_topq, with_rank
 
 PAYLOAD = ["key", "shard", "url", "pred", "maxprob", "topk_idx", "topk_logit"]
 PER_CLASS = {"balanced-random": True, "maxprob": True, "random": False, "entropy-high": False}
@@ -69,4 +69,4 @@ def run_baseline(method: str, files, rows: int, c: int, n: int, seed: int, batch
     cols = sorted(set(PAYLOAD) | ({"entropy"} if method == "entropy-high" else set()))
     timer.run(method, rows, run_pass(files, cols, baseline_block, dict(method=method, seed=seed, quotas=quotas), batch_rows),
               merger.add)
-    return merger.result(), info
+    return merger.result(sort_keys=SELECTION_ORDER), info

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 CLS = "_cls"  # int32 bucket (teacher class, or 0 for a global top-N)
 RANK = "_rank"  # float64: larger is better
+SELECTION_ORDER = [("pred", "ascending"), ("key", "ascending")]  # the selection table's row order
 
 
 def _keys_np(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -98,11 +99,12 @@ class TopKMerger:
         self.rows = t.num_rows
         pa.default_memory_pool().release_unused()  # hand the dropped rows' pages back to the OS
 
-    def result(self, schema: Optional[pa.Schema] = None) -> pa.Table:
-        """The merged top-quota rows, sorted by (class, rank desc, key).
+    def result(self, schema: Optional[pa.Schema] = None, sort_keys: Optional[list] = None) -> pa.Table:
+        """The merged top-quota rows, sorted by `sort_keys` (default: class, rank desc, key).
 
-        One copy of the kept rows: their order is found on the three sort columns alone, then one take
-        in that order (a prune followed by a sort would copy them twice)."""
+        The kept rows are copied out in buffer order first (a sequential take; a random-order take straight
+        from the ~100-chunk buffer was 2x slower: 1M rows 1.4 s), the buffer is let go, then they are put
+        in order: at most the buffer and one copy, or two copies, are held at once."""
         if not self.parts:
             if schema is None:
                 raise ValueError("no candidates and no schema")
@@ -110,10 +112,12 @@ class TopKMerger:
         t = pa.concat_tables(self.parts, promote_options="none")
         self.parts = []
         idx = per_class_topq_indices(t, self.quotas)
-        idx = np.arange(t.num_rows) if idx is None else idx
-        sort_cols = t.select([CLS, RANK, "key"]).take(pa.array(idx))
-        order = pc.sort_indices(sort_cols, sort_keys=[(CLS, "ascending"), (RANK, "descending"), ("key", "ascending")])
-        return t.take(pa.array(idx[order.to_numpy()]))
+        kept = (t if idx is None else t.take(pa.array(idx))).combine_chunks()
+        del t
+        pa.default_memory_pool().release_unused()
+        keys = sort_keys or [(CLS, "ascending"), (RANK, "descending"), ("key", "ascending")]
+        order = pc.sort_indices(kept.select([k for k, _ in keys]), sort_keys=keys)
+        return kept.take(order)
 
 
 def with_rank(table: pa.Table, cls: np.ndarray, rank: np.ndarray) -> pa.Table:
