@@ -112,10 +112,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
-def _is_float(t: pa.DataType) -> bool:
-    return pa.types.is_floating(t)
-
-
 def parquet_options(schema: pa.Schema) -> dict:
     """zstd; dictionary encoding only where it can pay (not on float columns: Parquet's dictionary attempt
     on a score table's 64 float16 features per row made writing ~2.5x and reading ~2x slower); float
@@ -123,9 +119,9 @@ def parquet_options(schema: pa.Schema) -> dict:
     dictionary, split = [], []
     for field in schema:
         t = field.type
-        if _is_float(t):
+        if pa.types.is_floating(t):
             split.append(field.name)
-        elif (pa.types.is_list(t) or pa.types.is_fixed_size_list(t)) and _is_float(t.value_type):
+        elif (pa.types.is_list(t) or pa.types.is_fixed_size_list(t)) and pa.types.is_floating(t.value_type):
             split.append(f"{field.name}.list.element")
         else:
             dictionary.append(field.name)

@@ -92,7 +92,7 @@ class TeacherScorer:
         self.device = torch.device(device)
         # CPU: `threads` single-threaded forwards side by side (config.ScoreConfig.streams), unless told otherwise
         self.streams = 1 if self.device.type != "cpu" else (streams or threads or 1)
-        if threads:
+        if self.streams > 1 or threads:
             torch.set_num_threads(1 if self.streams > 1 else threads)
         self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="teacher") if self.streams > 1 else None
         self.model, self.meta = load_model(weights, map_location="cpu")
