@@ -221,12 +221,11 @@ def cosine_to_prototype(f: np.ndarray, pred: np.ndarray, protos: np.ndarray) -> 
         for i, x in f64_chunks(f):
             r[i:i + len(x)] = (x @ cols).reshape(len(x), c, m)[np.arange(len(x)), pred[i:i + len(x)]].max(axis=1)
         return r
-    f = np.asarray(f, dtype=np.float64)
     order = np.argsort(pred, kind="stable")
     bounds = np.searchsorted(pred[order], np.arange(c + 1))
     for k in np.flatnonzero(np.diff(bounds)):
         rows = order[bounds[k]:bounds[k + 1]]
-        r[rows] = (f[rows] @ mu[k].T).max(axis=1)
+        r[rows] = (np.asarray(f[rows], dtype=np.float64) @ mu[k].T).max(axis=1)  # one class's rows at a time
     return r
 
 
@@ -245,7 +244,8 @@ def select_block(batch: pa.Table, d: int, protos: np.ndarray, z: dict, quotas: n
     score = combine(z, col_np(batch, "maxprob", np.float64), r, -col_np(batch, "energy", np.float64))
     keep = np.flatnonzero(score >= floors[pred])
     count_scanned(batch.num_rows)
-    t = batch.select(payload).take(pa.array(keep)) if len(keep) < batch.num_rows else batch.select(payload)
+    t = batch.select(payload)
+    t = t.take(pa.array(keep)) if len(keep) < batch.num_rows else t
     return per_class_topq(with_rank(t, pred[keep].astype(np.int32), score[keep].astype(np.float64)), quotas)
 
 
@@ -310,7 +310,7 @@ def next_prototypes(pred: np.ndarray, f: np.ndarray, w: np.ndarray, prev: np.nda
 def _z(cfg: APSConfig, stats: PoolStats, r: np.ndarray) -> dict:
     """The z-score constants; the cosine's pool mean/std are measured on the sample's cosines r.
 
-    The per-row cosines are exact and elementwise and their sums fixed point."""
+    The per-row cosines are exact (cosine_to_prototype) and their sums fixed point."""
     m = max(len(r), 1)
     s = from_fixed(np.array([qsum(quantise(r, S_P)), qsum(quantise(r * r, S_P))]), S_P)
     r_mean, r_std = s[0] / m, _std(s[0], s[1], m)

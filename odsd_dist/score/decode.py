@@ -27,16 +27,9 @@ def _url_of(meta_bytes) -> str:
     return url if isinstance(url, str) else ""
 
 
-def _columns(batch) -> dict[str, list]:
-    """Each column of a pyarrow or pandas batch as a Python list (one conversion, not one lookup per row)."""
-    if isinstance(batch, pd.DataFrame):
-        return {c: batch[c].tolist() for c in batch.columns}
-    return {c: batch.column(c).to_pylist() for c in batch.column_names}
-
-
-def decode_rows(batch, size: int, channels: int, max_pixels: int) -> dict:
-    """Decode one batch of webdataset rows (pyarrow or pandas) into images plus identity and damage columns."""
-    cols = _columns(batch)
+def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int) -> dict:
+    """Decode one batch of webdataset rows into images plus identity and damage columns."""
+    cols = {c: batch[c].tolist() for c in batch.columns}  # one conversion per column, not a lookup per cell
     n = len(cols["__key__"])
     images = np.zeros((n, size, size, channels), dtype=np.uint8)
     reasons, details = [""] * n, [""] * n
