@@ -35,7 +35,7 @@ def _memory_loop(config: dict) -> None:
 
     from odsd_dist.distill.config import DistillConfig
     from odsd_dist.distill.engine import DistillModule, build_engine, rank_state_bytes
-    from odsd_dist.distill.methods import build_method
+    from odsd_dist.distill.methods import Dims, build_method
     from odsd_dist.models import build_model
 
     torch.set_num_threads(1)
@@ -53,14 +53,14 @@ def _memory_loop(config: dict) -> None:
                                  optimizer="adamw", lr=1e-4)
             torch.manual_seed(0)
             student = build_model("resnet50", 1000, 3)
-            method = build_method("kd", dcfg.options, student.feature_dim, teacher.feature_dim, 1000)
+            method = build_method("kd", dcfg.options, Dims(student.feature_dim, teacher.feature_dim, 1000))
             engine = build_engine(DistillModule(student, method, teacher), dcfg, 2, config["steps"])
             g = torch.Generator().manual_seed(rank)
             times, losses = [], []
             for _ in range(config["steps"]):
                 batch = {"weak": torch.randn(b, 3, size, size, generator=g).to(tdt), "weight": torch.ones(b)}
                 t0 = time.perf_counter()
-                terms = engine(batch)
+                terms = engine(method.loss, batch, engine.module.student, teacher)
                 engine.backward(terms["total"])
                 engine.step()
                 times.append(time.perf_counter() - t0)
@@ -171,7 +171,7 @@ def plain_loop(cfg, train_dir: Path, steps: int, global_batch: int, threads: int
 
     from odsd_dist.distill.augment import augment_batch
     from odsd_dist.distill.engine import DistillModule, lr_factor, make_optimizer
-    from odsd_dist.distill.methods import build_method
+    from odsd_dist.distill.methods import Dims, build_method
     from odsd_dist.models import build_model, load_model
 
     torch.set_num_threads(threads)
@@ -185,7 +185,7 @@ def plain_loop(cfg, train_dir: Path, steps: int, global_batch: int, threads: int
     teacher.requires_grad_(False)
     torch.manual_seed(0)
     student = build_model(d.student, 10, 3)
-    method = build_method(d.method, d.options, student.feature_dim, teacher.feature_dim, 10)
+    method = build_method(d.method, d.options, Dims(student.feature_dim, teacher.feature_dim, 10))
     module = DistillModule(student, method, teacher)
     opt = make_optimizer(module.parameters(), d)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(steps, d.warmup_steps))
@@ -201,10 +201,10 @@ def plain_loop(cfg, train_dir: Path, steps: int, global_batch: int, threads: int
         pick = rng.choice(n, global_batch, replace=False)
         raw = {"image": images[pick], "idx": cols["idx"][pick], "weight": cols["weight"][pick],
                "label": cols["label"][pick], "tgt_idx": tgt_i[pick], "tgt_prob": tgt_p[pick]}
-        b = augment_batch(raw, views=method.views, aug=d.augment, mean=tmeta["mean"], std=tmeta["std"],
+        b = augment_batch(raw, views=type(method).views(getattr(d.options, d.method)), aug=d.augment, mean=tmeta["mean"], std=tmeta["std"],
                           seed=(0, 0, step))
         batch = {k: torch.from_numpy(np.asarray(v)) for k, v in b.items()}
-        terms = module(batch)
+        terms = method.loss(batch, student, teacher)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt.step()

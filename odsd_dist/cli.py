@@ -137,12 +137,17 @@ engine per worker (ZeRO stage distill.zero_stage, 0-3). Checkpoints every distil
 at every epoch end; a failed worker group restarts from the latest one (distill.max_failures), and a rerun
 after a crash continues the same run. Evaluates on eval.shards after every epoch.
 
-methods (distill.method; METHODS.md 1.3-1.4, 4):
-  odsd   low-noise KD on the selection's sparse targets + student self-contrast (two views) + teacher
-         relations (default); ablate with options.use_lnkd|use_self|use_rel=false, weigh with
-         options.lambda_self (0.5) and options.lambda_rel (1)
-  kd     Hinton KD on the teacher's full soft targets at options.tau (4)
-  ce     cross-entropy from labels (distill.source=shards with labelled shards; the scratch baseline)
+methods (distill.method; docs/METHODS.md; options are distill.options.<method>.<key>):
+  odsd      low-noise KD on the selection's sparse targets + student self-contrast (two views) + teacher
+            relations (default); ablate with options.odsd.use_lnkd|use_self|use_rel=false, weigh with
+            options.odsd.lambda_self (0.5) and options.odsd.lambda_rel (1)
+  kd        Hinton KD on the teacher's full soft targets at options.kd.tau (4); options.kd.strong=true puts
+            the student on ODSD's two strong views
+  kd3       KD^3: per-step instance selection by (p_T + p_S)/2 >= options.kd3.delta, feature alignment
+            through the teacher's classifier, MixDistribution contrast (options.kd3.feat, .md, .alpha)
+  mosaickd  MosaicKD: a generator and a patch discriminator (own Adam optimizers, checkpointed with the
+            student) against the student; options.mosaickd.adv|align|local|balance, .student_steps (5)
+  ce        cross-entropy from labels (distill.source=shards with labelled shards; the scratch baseline)
 
 config keys (distill.*, defaults):
   student=resnet8  method=odsd  workers=2  zero_stage=2  dtype=fp32|bf16  device=cpu|cuda
@@ -156,7 +161,8 @@ best, resumes), ray_results/ (the Ray Train run and its DeepSpeed checkpoints), 
 examples:
   odsd distill --config my.yaml --set distill.zero_stage=3 --set distill.workers=4
   odsd distill --config my.yaml --set distill.method=kd --set distill.steps=2000
-  odsd distill --config my.yaml --set distill.options.use_rel=false        # an ablation
+  odsd distill --config my.yaml --set distill.options.odsd.use_rel=false   # an ablation
+  odsd distill --config my.yaml --set distill.method=mosaickd --set distill.options.mosaickd.balance=5
 """
 EVAL_EPILOG = """Top-1 and per-class accuracy on eval.shards (labelled WebDataset shards: KEY.jpg + KEY.cls or a
 label in KEY.json), streamed batch by batch, with the teacher's (teacher.weights) accuracy on the same

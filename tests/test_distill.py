@@ -66,6 +66,27 @@ def test_user_errors_before_ray(distill_inputs, tmp_path):
         run_distill(_cfg(distill_inputs, tmp_path, method="ce"))
 
 
+@pytest.mark.parametrize("override,key", [
+    ("distill.options.mosaickd.balanse=1", "distill.options.mosaickd.balanse"),  # unknown option
+    ("distill.options.mosaickd.patch_size=7", "distill.options.mosaickd"),  # not one of 4, 10, 22
+    ("distill.options.kd3.delta=1.5", "distill.options.kd3.delta"),  # out of range
+    ("distill.options.kd3.mix_layer=nope", "distill.options.kd3.mix_layer"),  # not a module of the student
+])
+def test_method_option_errors_exit_2_before_ray(distill_inputs, tmp_path, capsys, override, key):
+    """`odsd distill` with a bad method option: one line naming the key, exit 2, nothing started or written."""
+    import yaml
+
+    from odsd_dist.cli import main
+
+    cfg = _cfg(distill_inputs, tmp_path, method="kd3")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["distill", "--config", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "distill").exists()  # failed before the stage wrote anything (or started Ray)
+
+
 # --- ZeRO 1-3 against ZeRO-0 ---------------------------------------------------------------------------
 
 def _zero_loop(config: dict) -> None:
@@ -77,7 +98,8 @@ def _zero_loop(config: dict) -> None:
 
     from odsd_dist.distill.config import DistillConfig
     from odsd_dist.distill.engine import DistillModule, build_engine, full_student_state, rank_state_bytes
-    from odsd_dist.distill.methods import build_method
+    from odsd_dist.distill.methods import Dims, build_method
+    from odsd_dist.distill.step import StepContext
     from odsd_dist.models import build_model
 
     torch.set_num_threads(1)
@@ -92,13 +114,14 @@ def _zero_loop(config: dict) -> None:
         dcfg = DistillConfig(zero_stage=stage, batch_size=6, optimizer=config["optimizer"], lr=0.05, method="kd")
         torch.manual_seed(0)
         student = build_model("resnet8", 3, 3)
-        method = build_method("kd", dcfg.options, student.feature_dim, teacher.feature_dim, 3)
+        method = build_method("kd", dcfg.options, Dims(student.feature_dim, teacher.feature_dim, 3))
         engine = build_engine(DistillModule(student, method, teacher), dcfg, 2, 4)
+        ctx = StepContext(engine, teacher, method, seed=0, rank=rank, world=2, total_steps=4,
+                          dtype=torch.float32, device=torch.device("cpu"))
         losses = []
-        for b in batches:
-            terms = engine(b)
-            engine.backward(terms["total"])
-            engine.step()
+        for step, b in enumerate(batches):
+            ctx.step = step
+            terms = method.train_step(b, ctx)
             losses.append(float(terms["total"]))
         sd = full_student_state(engine)
         out[stage] = {"losses": losses, "checksum": float(sum(v.double().sum() for k, v in sd.items()
@@ -263,19 +286,19 @@ import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 from odsd_dist.distill.config import DistillConfig
 from odsd_dist.distill.engine import DistillModule, build_engine, full_student_state
-from odsd_dist.distill.methods import build_method
+from odsd_dist.distill.methods import Dims, build_method
 from odsd_dist.models import build_model
 torch.manual_seed(0)
 teacher = build_model("resnet8", 10, 3).eval().requires_grad_(False).to(torch.bfloat16)
 d = DistillConfig(student="resnet8", method="odsd", zero_stage=int(sys.argv[1]), dtype="bf16", batch_size=4, lr=1e-3)
 s = build_model("resnet8", 10, 3)
-e = build_engine(DistillModule(s, build_method("odsd", d.options, s.feature_dim, teacher.feature_dim, 10), teacher), d, 1, 3)
+e = build_engine(DistillModule(s, build_method("odsd", d.options, Dims(s.feature_dim, teacher.feature_dim, 10)), teacher), d, 1, 3)
 g = torch.Generator().manual_seed(0)
 for _ in range(2):
     v = [torch.randn(4, 3, 32, 32, generator=g).bfloat16() for _ in range(3)]
     b = {"weak": v[0], "view0": v[1], "view1": v[2],
          "weight": torch.ones(4), "tgt_idx": torch.tensor([[0, 1, 2]] * 4), "tgt_prob": torch.tensor([[0.6, 0.3, 0.1]] * 4)}
-    t = e(b); e.backward(t["total"]); e.step()
+    t = e(e.module.method.loss, b, e.module.student, teacher); e.backward(t["total"]); e.step()
     assert torch.isfinite(t["total"]).item()
 st = full_student_state(e)
 assert all(v.dtype == torch.float32 for v in st.values() if v.is_floating_point()), "export is not fp32"
@@ -296,3 +319,146 @@ def test_bf16_steps_on_cpu(stage, tmp_path):
     r = subprocess.run([sys.executable, "-c", BF16_STEP, str(stage), str(port)], capture_output=True, text=True,
                        env=env, timeout=300, cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0 and "BF16-OK" in r.stdout, r.stderr[-3000:]
+
+
+# --- methods with modules of their own (kd3, mosaickd): resume equals an uninterrupted run --------------
+
+def _method_resume_loop(config: dict) -> None:
+    """Per method and ZeRO stage: 6 steps straight, and 3 steps + checkpoint + fresh engine/method (built
+    from another seed) + load + 3 steps; the last 3 steps' terms and the final weights must be equal."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from odsd_dist.config import build_config
+    from odsd_dist.distill.engine import DistillModule, build_engine, full_student_state
+    from odsd_dist.distill.methods import Dims, build_method
+    from odsd_dist.distill.step import StepContext
+    from odsd_dist.models import build_model
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(123)
+    teacher = build_model("resnet8", 3, 3).eval().requires_grad_(False)
+    total = 6
+
+    def batch(step: int) -> dict:  # each rank its own batches, the same in both runs
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        return {"weak": torch.randn(6, 3, 16, 16, generator=g), "weight": torch.ones(6)}
+
+    def build(method: str, stage: int, seed: int):
+        d = build_config({}, [f"distill.method={method}", f"distill.zero_stage={stage}", "distill.batch_size=6",
+                              "distill.options.kd3.delta=0", "distill.options.mosaickd.student_steps=2",
+                              "distill.options.mosaickd.ngf=8", "distill.options.mosaickd.ndf=8"]).distill
+        torch.manual_seed(seed)
+        student = build_model("resnet8", 3, 3)
+        m = build_method(method, d.options, Dims(student.feature_dim, teacher.feature_dim, 3, 16, 3))
+        engine = build_engine(DistillModule(student, m, teacher), d, 2, total)
+        ctx = StepContext(engine, teacher, m, seed=7, rank=rank, world=2, total_steps=total,
+                          dtype=torch.float32, device=torch.device("cpu"))
+        return engine, m, ctx
+
+    def run(engine, m, ctx, steps) -> list:
+        out = []
+        for step in steps:
+            ctx.step = step
+            out.append({k: float(v) for k, v in m.train_step(batch(step), ctx).items()})
+        return out
+
+    def digest(engine, m) -> dict:
+        sd = full_student_state(engine)
+        aux = {n: float(sum(p.double().sum() for p in a.module.state_dict().values() if p.is_floating_point()))
+               for n, a in m.aux.items()}
+        return {"student": float(sum(v.double().sum() for v in sd.values() if v.is_floating_point())), "aux": aux}
+
+    res = {}
+    for method in config["methods"]:
+        for stage in config["stages"]:
+            engine, m, ctx = build(method, stage, 0)
+            straight = run(engine, m, ctx, range(total))
+            want = digest(engine, m)
+            ck = Path(config["out"], f"{method}-{stage}")
+            engine, m, ctx = build(method, stage, 0)
+            first = run(engine, m, ctx, range(3))
+            engine.save_checkpoint(str(ck), tag="t")
+            if rank == 0:
+                ctx.save(ck)
+            dist.barrier()
+            engine, m, ctx = build(method, stage, 99)  # another init: only the checkpoint can make them equal
+            engine.load_checkpoint(str(ck), tag="t")
+            ctx.load(ck)
+            resumed = first + run(engine, m, ctx, range(3, total))
+            got = digest(engine, m)
+            res[f"{method}-{stage}"] = {"straight": straight, "resumed": resumed, "want": want, "got": got,
+                                        "aux_steps": {n: s for n, s in ctx._aux_step.items()}}
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(res))
+
+
+def test_methods_resume_equals_uninterrupted(ray_local, tmp_path):
+    """kd3 and mosaickd under ZeRO 0 and 3 with 2 workers: a run restored from a checkpoint (student, the
+    generator and discriminator and their Adam states, their LR schedules) continues exactly as the
+    uninterrupted run, and the aux modules stay identical on both ranks."""
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    trainer = TorchTrainer(_method_resume_loop,
+                           train_loop_config={"methods": ["kd3", "mosaickd"], "stages": [0, 3], "out": str(tmp_path)},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(name="method-resume", storage_path=str(tmp_path)))
+    trainer.fit()
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert set(r0) == {"kd3-0", "kd3-3", "mosaickd-0", "mosaickd-3"}
+    for key, rec in r0.items():
+        assert rec["resumed"] == rec["straight"], key  # every term of every step, bit for bit
+        assert rec["got"] == rec["want"], key
+        assert rec["got"]["aux"] == r1[key]["got"]["aux"], key  # aux modules identical on both ranks
+    mk = r0["mosaickd-3"]
+    assert mk["aux_steps"] == {"generator": 3, "discriminator": 3}  # steps 0, 2, 4 of 6 (student_steps=2)
+    assert {"loss_d", "loss_g", "g_adv", "g_align", "g_local", "g_balance", "student_kd"} <= set(mk["straight"][0])
+    assert "loss_g" not in mk["straight"][1]
+    assert {"kd", "feat", "md", "kept"} <= set(r0["kd3-0"]["straight"][0])
+    assert r0["kd3-0"]["straight"] == r0["kd3-3"]["straight"] or all(
+        abs(a["total"] - b["total"]) < 1e-4 for a, b in zip(r0["kd3-0"]["straight"], r0["kd3-3"]["straight"]))
+
+
+@pytest.mark.parametrize("method,stage", [("mosaickd", 3), ("kd3", 0)])
+def test_method_worker_kill_resumes(ray_local, distill_inputs, train_data, tmp_path, method, stage):
+    """`odsd distill` with a method that owns modules: a worker SIGKILLed mid-run, the group restarts from
+    the checkpoint with the method's state (MosaicKD's generator, discriminator, their Adam states and
+    step counters) and finishes; every term is in history.json."""
+    import torch
+
+    from odsd_dist.distill import run_distill
+    from odsd_dist.distill.step import METHOD_STATE
+
+    cfg = _cfg(distill_inputs, tmp_path, method=method, zero_stage=stage, steps=8,
+               **{"options": {"mosaickd": {"student_steps": 3, "ngf": 8, "ndf": 8}, "kd3": {"delta": 0.0}}})
+    folder = _seed_train_data(cfg, train_data)
+    killer = Killer(folder, rank=1, after=3)
+    killer.start()
+    summary = run_distill(cfg)
+    killer.join(1)
+    assert killer.killed is not None, "no worker was killed"
+    history = json.loads((folder / "history.json").read_text())
+    assert history["step"] == 8 == summary["steps"] and summary["method"] == method
+    assert history["resumes"] and history["resumes"][0]["from_step"] >= killer.killed["registered"] >= 3
+    terms = set().union(*(h["loss"] for h in history["history"]))
+    want = ({"loss_d", "loss_g", "g_adv", "g_align", "g_local", "g_balance", "student_kd"} if method == "mosaickd"
+            else {"kd", "feat", "md", "kept"})
+    assert want <= terms, terms
+    final = sorted(folder.glob("ray_results/*/checkpoint_00000008"))
+    assert final, "no final checkpoint"
+    state_file = final[-1] / METHOD_STATE
+    if method == "mosaickd":  # aux steps at loop steps 0, 3, 6: the counters survived the restart
+        st = torch.load(state_file, weights_only=True)
+        assert {n: r["step"] for n, r in st["aux"].items()} == {"generator": 3, "discriminator": 3}
+        assert st["aux"]["generator"]["optimizer"]["state"], "the generator's Adam state was not saved"
+    else:
+        assert not state_file.exists()  # kd3's heads train inside the engine: nothing beside it
+    assert summary["resumes"] >= 1

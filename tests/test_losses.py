@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from odsd_dist.distill.config import MethodOptions
-from odsd_dist.distill.methods import build_method, known_methods
+from odsd_dist.distill.methods import Dims, build_method, known_methods
+from odsd_dist.distill.methods.kd3 import mix_statistics
 from odsd_dist.distill.methods.losses import (kd_loss, low_noise_targets, nt_xent, relation_loss, relation_weights,
                                               sparse_kd_loss)
 from odsd_dist.errors import UserError
@@ -106,6 +107,14 @@ class Tiny(nn.Module):
         return self.classify(self.forward_features(x))
 
 
+DIMS = Dims(5, 6, 3)
+
+
+def _odsd(**kw):
+    """The options section with odsd's options replaced."""
+    return MethodOptions(odsd=type(MethodOptions().odsd)(**kw))
+
+
 def _batch(b=4, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = lambda: torch.randn(b, 1, 2, 2, generator=g)  # noqa: E731
@@ -118,18 +127,18 @@ def test_registry_and_kd_method():
     assert {"kd", "odsd", "ce"} <= set(known_methods())
     s, t = Tiny(4, 5, 3, 0), Tiny(4, 6, 3, 1)
     b = _batch()
-    m = build_method("kd", MethodOptions(), 5, 6, 3)
+    m = build_method("kd", MethodOptions(), DIMS)
     out = m.loss(b, s, t)
     assert out["total"].item() == pytest.approx(kd_loss(s(b["weak"]), t(b["weak"]), 4.0).item(), rel=1e-6)
     with pytest.raises(UserError):
-        build_method("nope", MethodOptions(), 5, 6, 3)
+        build_method("nope", MethodOptions(), DIMS)
 
 
 def test_odsd_total_is_the_weighted_sum_and_terms_switch_off():
     s, t = Tiny(4, 5, 3, 0), Tiny(4, 6, 3, 1)
     b = _batch()
     torch.manual_seed(0)
-    m = build_method("odsd", MethodOptions(), 5, 6, 3)
+    m = build_method("odsd", MethodOptions(), DIMS)
     out = m.loss(b, s, t)
     assert set(out) == {"total", "lnkd", "self", "rel"}
     assert out["total"].item() == pytest.approx((out["lnkd"] + 0.5 * out["self"] + 1.0 * out["rel"]).item(), rel=1e-6)
@@ -144,12 +153,12 @@ def test_odsd_total_is_the_weighted_sum_and_terms_switch_off():
     want_rel = 0.5 * (relation_loss(g0, f_t, 0.1, w) + relation_loss(g1, f_t, 0.1, w))
     assert out["rel"].item() == pytest.approx(want_rel.item(), rel=1e-5)
     # ablations: each switch removes its term (and its head)
-    only = build_method("odsd", MethodOptions(use_self=False, use_rel=False), 5, 6, 3)
+    only = build_method("odsd", _odsd(use_self=False, use_rel=False), DIMS)
     o2 = only.loss(b, s, None)  # stored targets and no relation term: the teacher is not needed
     assert set(o2) == {"total", "lnkd"} and not hasattr(only, "proj")
     assert o2["total"].item() == pytest.approx(want.item(), rel=1e-6)
-    with pytest.raises(UserError):
-        build_method("odsd", MethodOptions(use_lnkd=False, use_self=False, use_rel=False), 5, 6, 3)
+    with pytest.raises(ValueError, match="at least one"):
+        _odsd(use_lnkd=False, use_self=False, use_rel=False)
 
 
 def test_odsd_online_targets_without_selection():
@@ -157,7 +166,7 @@ def test_odsd_online_targets_without_selection():
     b = _batch()
     for k in ("tgt_idx", "tgt_prob"):
         b.pop(k)
-    m = build_method("odsd", MethodOptions(use_self=False, use_rel=False), 5, 6, 3)
+    m = build_method("odsd", _odsd(use_self=False, use_rel=False), DIMS)
     idx, prob = low_noise_targets(t(b["weak"]), 3, 4.0)
     want = 0.5 * (sparse_kd_loss(s(b["view0"]), idx, prob, 4.0) + sparse_kd_loss(s(b["view1"]), idx, prob, 4.0))
     assert m.loss(b, s, t)["total"].item() == pytest.approx(want.item(), rel=1e-6)
@@ -166,6 +175,65 @@ def test_odsd_online_targets_without_selection():
 def test_ce_method():
     s = Tiny(4, 5, 3, 0)
     b = _batch()
-    m = build_method("ce", MethodOptions(), 5, 6, 3)
+    m = build_method("ce", MethodOptions(), DIMS)
     want = nn.functional.cross_entropy(s(b["weak"]), b["label"])
     assert m.loss(b, s, None)["total"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_kd_strong_uses_the_two_strong_views():
+    s, t = Tiny(4, 5, 3, 0), Tiny(4, 6, 3, 1)
+    b = _batch()
+    opts = MethodOptions(kd=type(MethodOptions().kd)(strong=True))
+    m = build_method("kd", opts, DIMS)
+    assert type(m).views(opts.kd) == 2 and type(m).views(MethodOptions().kd) == 0
+    z_t = t(b["weak"])
+    want = 0.5 * (kd_loss(s(b["view0"]), z_t, 4.0) + kd_loss(s(b["view1"]), z_t, 4.0))
+    assert m.loss(b, s, t)["total"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_mix_statistics_moves_channel_moments():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 3, 5, 5, generator=g) * 2 + 1
+    perm = torch.tensor([1, 0, 3, 2])
+    same = mix_statistics(h, perm, torch.ones(4))  # lambda 1: each image keeps its own statistics
+    torch.testing.assert_close(same, h, rtol=1e-4, atol=1e-4)
+    lam = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    out = mix_statistics(h, perm, lam)
+    mu, mu_out = h.mean((2, 3)), out.mean((2, 3))
+    want = lam.view(-1, 1) * mu + (1 - lam.view(-1, 1)) * mu[perm]
+    torch.testing.assert_close(mu_out, want, rtol=1e-4, atol=1e-4)
+
+
+class Staged(Tiny):
+    """Tiny with a first 'stage' module, where kd3 mixes feature statistics."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.layer1 = nn.Identity()
+
+    def forward_features(self, x):
+        return self.feat(self.layer1(x).flatten(1))
+
+
+def test_kd3_terms_and_instance_selection():
+    s, t = Staged(4, 5, 3, 0), Tiny(4, 6, 3, 1)
+    b = _batch(b=6)
+    x = b["weak"]
+    torch.manual_seed(0)
+    for delta in (0.0, 0.55, 1.0):
+        m = build_method("kd3", MethodOptions(kd3=type(MethodOptions().kd3)(delta=delta)), DIMS)
+        with torch.no_grad():
+            f_t, z_t = t.forward_features(x), t(x)
+            z_s = s(x)
+        perm, lam = torch.arange(6).flip(0), torch.full((6,), 0.3)
+        out = m._losses(s, t, s.layer1, x, f_t, z_t, perm, lam)
+        assert out["total"].item() == pytest.approx((out["kd"] + out["feat"] + 0.5 * out["md"]).item(), rel=1e-5)
+        conf = (0.5 * (torch.softmax(z_t, 1) + torch.softmax(z_s, 1))).max(1).values
+        keep = conf >= delta
+        assert out["kept"].item() == pytest.approx(keep.float().mean().item())
+        if keep.any():  # L_kd: Hinton KD over the kept images, weighted by the combined confidence
+            per = torch.stack([kd_loss(z_s[i:i + 1], z_t[i:i + 1], 4.0) for i in range(6)])
+            w = torch.where(keep, conf, torch.zeros_like(conf))
+            assert out["kd"].item() == pytest.approx(((w * per).sum() / w.sum()).item(), rel=1e-5)
+        else:
+            assert out["kd"].item() == 0 and out["feat"].item() == 0

@@ -19,7 +19,7 @@ BENCH = ROOT / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-ALL_ROWS = ["kd_pool", "kd_random", "kd_balanced_random", "kd_maxprob", "odsd", "odsd_maxprob", "odsd_full_targets",
+ALL_ROWS = ["kd_pool", "kd_random", "kd_balanced_random", "kd_maxprob", "kd_strong", "kd3", "mosaickd", "odsd", "odsd_maxprob", "odsd_full_targets",
             "odsd_no_lnkd", "odsd_no_self", "odsd_no_rel", "oracle_kd", "scratch"]
 # Trained end to end below: every kind of row (the whole pool, an N-row selection, ODSD with an ablation, the
 # original split with KD and with labels + a tuning grid). The other registered rows differ only in their
@@ -75,11 +75,11 @@ def test_rows_and_config_errors(tmp_path):
         path.write_text(yaml.safe_dump({**base, **kw}))
         return load_quality_config(str(path))
 
-    qc = load(rows=["odsd", {"name": "kd3", "source": "pool", "set": ["sample.method=all", "distill.method=kd"],
+    qc = load(rows=["odsd", {"name": "kd_mine", "source": "pool", "set": ["sample.method=all", "distill.method=kd"],
                              "grid": {"distill.lr": [0.1, 0.2]}}],
-              tune={"grid": {"distill.options.tau": [2, 4]}, "rows": ["kd3"]})
+              tune={"grid": {"distill.options.kd.tau": [2, 4]}, "rows": ["kd_mine"]})
     plans = resolve_rows(qc)
-    assert [p.row.name for p in plans] == ["odsd", "kd3"] and plans[0].grid == {}
+    assert [p.row.name for p in plans] == ["odsd", "kd_mine"] and plans[0].grid == {}
     assert len(candidates(plans[1].grid)) == 4 and candidates({}) == [()]
     with pytest.raises(UserError, match="unknown row"):
         resolve_rows(load(rows=["nope"]))
@@ -97,13 +97,13 @@ def test_every_registered_row_builds_a_valid_config():
     """No Ray: each registered row's overrides are known keys with valid values, and its distill method
     accepts its options (what `odsd distill` checks before any Ray work)."""
     from odsd_dist.config import build_config
-    from odsd_dist.distill.methods import build_method
+    from odsd_dist.distill.methods import Dims, build_method
     from quality.rows import SOURCES, get_row, known_rows
 
     for name in known_rows():
         row = get_row(name)
         cfg = build_config({}, list(row.set))
-        build_method(cfg.distill.method, cfg.distill.options, 8, 8, 3)
+        build_method(cfg.distill.method, cfg.distill.options, Dims(8, 8, 3))
         assert row.source in SOURCES
         assert (cfg.distill.method == "ce") == (name == "scratch"), name  # only scratch trains on labels
         if row.source == "pool":

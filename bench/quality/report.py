@@ -14,7 +14,7 @@ import numpy as np
 
 from odsd_dist.tables import atomic_write_bytes, atomic_write_json
 
-GROUP_COLOURS = {"baseline": "#7f7f7f", "odsd": "#d62728", "ablation": "#ff9896", "reference": "#1f77b4",
+GROUP_COLOURS = {"baseline": "#7f7f7f", "odsd": "#d62728", "method": "#9467bd", "ablation": "#ff9896", "reference": "#1f77b4",
                  "custom": "#2ca02c"}
 
 

@@ -3,7 +3,7 @@
 A row says where its training images come from (`pool`: score -> sample -> selection; `train`: the
 original domain's labelled training split, for the oracle and the scratch student) and which sample
 and distill settings it uses. Everything else (student, steps, batch size, seeds) is shared by every
-row. A later method (KD^3, MosaicKD) slots in with one `register(Row(...))` call here, or with an
+row. A new method slots in with one `register(Row(...))` call here, or with an
 inline row in the benchmark config (`rows: [{name: kd3, source: pool, set: [...]}]`), never by
 editing the runner.
 """
@@ -25,7 +25,7 @@ class Row:
     label: str                     # what the table shows
     source: str                    # "pool" or "train"
     set: tuple[str, ...] = ()      # odsd config overrides, `section.key=value`
-    group: str = "custom"          # baseline | odsd | ablation | reference | custom
+    group: str = "custom"          # baseline | odsd | method | ablation | reference | custom
     what: str = ""                 # one line for the report
     grid: dict = field(default_factory=dict, hash=False, compare=False)  # row-specific tuning grid
 
@@ -69,23 +69,33 @@ register(Row("kd_balanced_random", "KD, class-balanced random N", "pool",
              "KD on N/C pool images per teacher class, at random (balance without confidence)"))
 register(Row("kd_maxprob", "KD, class-balanced maxprob top-N", "pool", ("sample.method=maxprob", "distill.method=kd"),
              "baseline", "KD on the N/C most confident pool images per teacher class"))
+register(Row("kd_strong", "KD, class-balanced maxprob top-N, ODSD's two strong views", "pool",
+             ("sample.method=maxprob", "distill.method=kd", "distill.options.kd.strong=true"), "baseline",
+             "KD with the student on the same two strong views as ODSD's student (teacher on the weak view): "
+             "augmentation strength is not mistaken for the method"))
 register(Row("odsd", "ODSD (APS + low-noise KD + DCRD)", "pool", ("sample.method=aps", "distill.method=odsd"), "odsd",
              "the full method"))
 register(Row("odsd_maxprob", "ODSD, APS -> maxprob top-N", "pool", ("sample.method=maxprob", "distill.method=odsd"),
              "ablation", "ODSD's losses on the maxprob selection: what APS adds"))
 register(Row("odsd_full_targets", "ODSD, full-softmax targets", "pool",
-             ("sample.method=aps", "distill.method=odsd", "distill.options.targets=teacher",
-              "distill.options.target_topk=100000"), "ablation",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.odsd.targets=teacher",
+              "distill.options.odsd.target_topk=100000"), "ablation",
              "the teacher's whole softmax at tau instead of the sparse low-noise target: what denoising adds"))
 register(Row("odsd_no_lnkd", "ODSD, no L_lnkd", "pool",
-             ("sample.method=aps", "distill.method=odsd", "distill.options.use_lnkd=false"), "ablation",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.odsd.use_lnkd=false"), "ablation",
              "the low-noise KD term switched off (only L_self + L_rel reach the student)"))
 register(Row("odsd_no_self", "ODSD, no L_self", "pool",
-             ("sample.method=aps", "distill.method=odsd", "distill.options.use_self=false"), "ablation",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.odsd.use_self=false"), "ablation",
              "without the student self-contrast"))
 register(Row("odsd_no_rel", "ODSD, no L_rel", "pool",
-             ("sample.method=aps", "distill.method=odsd", "distill.options.use_rel=false"), "ablation",
+             ("sample.method=aps", "distill.method=odsd", "distill.options.odsd.use_rel=false"), "ablation",
              "without the teacher relations"))
+register(Row("kd3", "KD^3 (dynamic selection + feature alignment + MixDistribution)", "pool",
+             ("sample.method=maxprob", "distill.method=kd3"), "method",
+             "KD^3 on the class-balanced maxprob top-N (its own selection is dynamic, per step)"))
+register(Row("mosaickd", "MosaicKD (generator + patch discriminator)", "pool",
+             ("sample.method=entropy-high", "distill.method=mosaickd"), "method",
+             "MosaicKD on the pool's highest-entropy N images, as the authors pick their OOD subset"))
 register(Row("oracle_kd", "Oracle: KD on the original train split", "train", ("distill.method=kd",), "reference",
              "KD on the teacher's own training images (minus the validation split): upper reference"))
 register(Row("scratch", "Scratch: labels on the original train split", "train", ("distill.method=ce",), "reference",

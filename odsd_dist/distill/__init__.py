@@ -28,18 +28,20 @@ def check_config(cfg: Config) -> dict:
     Returns {"method": class, "teacher_meta": dict, "shards": [...], "eval_shards": [...]} (the expanded
     distill.shards for source=shards, and eval.shards when evaluated every epoch; else []).
     """
-    from ..models import ARCHS, read_model_meta
+    from ..models import ARCHS, build_model, read_model_meta
     from .methods import method_class
 
     d = cfg.distill
-    mcls = method_class(d.method)
-    mcls(d.options, 8, 8, 2)  # methods validate their own options when built (e.g. odsd with every term off)
+    mcls = method_class(d.method)  # its options were validated with the config
     if d.student not in ARCHS and not d.student.startswith("timm:"):
         raise UserError(f"distill.student: unknown arch {d.student!r}; known: {', '.join(ARCHS)}")
     try:
         tmeta = read_model_meta(Path(cfg.teacher.weights))
     except UserError as e:
         raise UserError(f"teacher.weights: {e}") from None
+    student = build_model(d.student, int(tmeta["num_classes"]), int(tmeta["in_chans"]))
+    mcls.check(getattr(d.options, d.method), method_dims(tmeta, student.feature_dim, int(tmeta["feature_dim"])),
+               student)
     if d.device == "cuda":
         import torch
 
@@ -68,6 +70,15 @@ def check_config(cfg: Config) -> dict:
     return {"method": mcls, "teacher_meta": tmeta, "shards": shards, "eval_shards": eval_shards}
 
 
+def method_dims(tmeta: dict, student_dim: int, teacher_dim: int):
+    """The sizes a method builds its modules from (methods/base.Dims), from the teacher's metadata."""
+    from .methods import Dims
+
+    c = int(tmeta["in_chans"])
+    return Dims(student_dim, teacher_dim, int(tmeta["num_classes"]), int(tmeta["input_size"]), c,
+                tuple(tmeta.get("mean") or [0.0] * c), tuple(tmeta.get("std") or [1.0] * c))
+
+
 def _plan(cfg: Config) -> dict:
     """Validate the config and inputs (no Ray); returns what the run needs."""
     from ..models import weights_sha256
@@ -83,11 +94,8 @@ def _plan(cfg: Config) -> dict:
         selection = Path(d.selection) if d.selection else cfg.stage_dir("sample") / "selection.parquet"
         if not selection.is_file():
             raise UserError(f"distill: selection not found: {selection} (run `odsd sample` first, or set distill.selection)")
-        smeta = read_meta(selection)
-        tau = ((smeta.get("config") or {}).get("targets") or {}).get("tau")
-        if tau is not None and d.method == "odsd" and abs(float(tau) - d.options.tau) > 1e-9:
-            print(f"odsd distill: warning: the selection's targets were made at tau={tau}, "
-                  f"distill.options.tau={d.options.tau}", file=sys.stderr)
+        for w in mcls.selection_warnings(getattr(d.options, d.method), read_meta(selection)):
+            print(f"odsd distill: warning: {w}", file=sys.stderr)
         pool = d.pool_shards or cfg.score.shards
         if not pool:
             raise UserError("distill.pool_shards (or score.shards): the pool shards the selection was drawn from")
@@ -150,7 +158,7 @@ def run_distill(cfg: Config) -> dict:
         "distill": d.model_dump(mode="json"), "seed": cfg.seed, "teacher_weights": str(Path(cfg.teacher.weights).resolve()),
         "teacher_sha256": plan["teacher_sha256"], "student_meta": student_meta, "threads": threads,
         "train_dir": str((folder / "train_data").resolve()), "rows": rows, "steps_per_epoch": spe,
-        "total_steps": total, "batch_size": d.batch_size, "workers": d.workers, "views": plan["method"].views,
+        "total_steps": total, "batch_size": d.batch_size, "workers": d.workers, "views": plan["method"].views(getattr(d.options, d.method)),
         "augment": d.augment.model_dump(mode="json"), "mean": list(tmeta.get("mean") or [0.0] * chans),
         "std": list(tmeta.get("std") or [1.0] * chans), "data_cpus": d.data_cpus,
         "aug_batch_rows": max(d.batch_size, 64), "eval_shards": plan["eval_shards"],

@@ -7,27 +7,20 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from ..config import Section
+from .methods import registry
 
 
-class MethodOptions(Section):
-    """Options of every registered method; each method reads the ones it knows (METHODS.md §1.3-1.4, §4)."""
+def _options_model() -> type[Section]:
+    """`distill.options`: one section per registered method, `distill.options.<method>.<key>`, each the
+    method's own `Options` model, so a bad key or value is an error naming it at config load."""
+    fields = {name: (cls.Options, Field(default_factory=cls.Options)) for name, cls in sorted(registry().items())}
+    return create_model("MethodOptions", __base__=Section, **fields)
 
-    tau: float = Field(4.0, gt=0)  # KD temperature (kd and odsd's L_lnkd)
-    lambda_self: float = Field(0.5, ge=0)  # weight of L_self (student self-contrast)
-    lambda_rel: float = Field(1.0, ge=0)  # weight of L_rel (teacher relations)
-    use_lnkd: bool = True  # ablation switches, one per ODSD term
-    use_self: bool = True
-    use_rel: bool = True
-    proj_dim: int = Field(128, ge=1)  # L_self projection head output
-    self_temp: float = Field(0.2, gt=0)  # NT-Xent temperature
-    rel_temp: float = Field(0.1, gt=0)  # relation softmax temperature
-    rel_conf_threshold: float = Field(0.5, ge=0, le=1)  # teacher maxprob below this down-weights a relation row
-    targets: Literal["auto", "selection", "teacher"] = "auto"  # L_lnkd targets: stored (selection) or online
-    target_topk: int = Field(3, ge=1)  # k' for online low-noise targets
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # `ce`
+
+MethodOptions = _options_model()
 
 
 class AugmentConfig(Section):
@@ -46,7 +39,7 @@ class AugmentConfig(Section):
 
 class DistillConfig(Section):
     student: str = "resnet8"  # models.build_model arch
-    method: str = "odsd"  # registry name: kd, odsd, ce (distill/methods)
+    method: str = "odsd"  # registry name (distill/methods): odsd, kd, kd3, mosaickd, ce
     options: MethodOptions = Field(default_factory=MethodOptions)
     source: Literal["selection", "shards"] = "selection"  # the sample stage's selection, or `shards` below
     shards: list[str] = Field(default_factory=list)  # source=shards: labelled or unlabelled tars (all keys)
@@ -82,6 +75,13 @@ class DistillConfig(Section):
     decode_batch_size: int = Field(256, ge=1)  # rows per decode task when building train_data/
     log_every: int = Field(20, ge=1)
     out: Optional[str] = None
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in registry():
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(registry()))}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":

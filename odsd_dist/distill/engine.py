@@ -15,7 +15,11 @@ from torch import nn
 
 
 class DistillModule(nn.Module):
-    """student + method; forward(batch) = the method's named loss terms."""
+    """student + method heads; forward(fn, *args) runs fn(*args) inside the engine's forward.
+
+    Methods compute their losses in functions of their own (methods/base.py); running them through the
+    engine's forward is what lets ZeRO-3 gather the partitioned student parameters they use.
+    """
 
     def __init__(self, student: nn.Module, method: nn.Module, teacher: Optional[nn.Module]):
         super().__init__()
@@ -23,8 +27,8 @@ class DistillModule(nn.Module):
         self.method = method
         self.__dict__["teacher"] = teacher  # not a submodule
 
-    def forward(self, batch: dict) -> dict:
-        return self.method.loss(batch, self.student, self.teacher)
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(*args, **kwargs)
 
 
 def ds_config(dcfg, world: int) -> dict:

@@ -1,8 +1,9 @@
 """The Ray Train worker loop: one DeepSpeed engine per worker, steps over the epoch feed, checkpoints,
 per-epoch evaluation and the final consolidated student.
 
-Nothing here is method-specific: the method module returns named loss terms; `total` is
-backpropagated and every term is logged. All ranks call `ray.train.report` the same number of times
+Nothing here is method-specific: each step is the method's `train_step` (methods/base.py), which takes
+its own optimizer steps through a StepContext (step.py) and returns named terms; every term is logged.
+The method's aux modules (and their optimizers) are checkpointed beside the DeepSpeed files. All ranks call `ray.train.report` the same number of times
 (each report carries a DeepSpeed checkpoint saved by every rank into its own folder; Ray merges them).
 """
 from __future__ import annotations
@@ -52,13 +53,16 @@ def _to_device(batch: dict, device, dtype) -> dict:
     return out
 
 
-def _mean_terms(sums: dict, count: int, device) -> dict:
-    """Average the summed loss terms over steps and over ranks (one small all-reduce)."""
+def _mean_terms(sums: dict, counts: dict, device) -> dict:
+    """Average the summed terms over the steps that produced each and over ranks (one small all-reduce).
+
+    Terms a method returns only on some steps (MosaicKD's generator losses) are averaged over those steps.
+    """
     import torch
     import torch.distributed as dist
 
     names = sorted(sums)
-    t = torch.tensor([sums[n] / max(count, 1) for n in names], dtype=torch.float64, device=device)
+    t = torch.tensor([sums[n] / max(counts[n], 1) for n in names], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -77,7 +81,9 @@ def train_loop(spec: dict) -> None:
     from ..models import build_model, load_model
     from .config import DistillConfig
     from .engine import DistillModule, build_engine, full_student_state
+    from . import method_dims
     from .methods import build_method
+    from .step import StepContext
 
     dcfg = DistillConfig.model_validate(spec["distill"])
     ctx = ray.train.get_context()
@@ -95,17 +101,20 @@ def train_loop(spec: dict) -> None:
     teacher.to(dtype)
     torch.manual_seed(spec["seed"])  # identical initial student + heads on every rank
     student = build_model(dcfg.student, int(tmeta["num_classes"]), int(tmeta["in_chans"]))
-    method = build_method(dcfg.method, dcfg.options, student.feature_dim, teacher.feature_dim,
-                          int(tmeta["num_classes"]))
+    dims = method_dims(tmeta, student.feature_dim, teacher.feature_dim)
+    method = build_method(dcfg.method, dcfg.options, dims)  # aux modules: same seed, same weights on every rank
     module = DistillModule(student, method, teacher).to(device)
     total, spe = spec["total_steps"], spec["steps_per_epoch"]
     engine = build_engine(module, dcfg, world, total)
+    ctx = StepContext(engine, teacher, method, seed=spec["seed"], rank=rank, world=world, total_steps=total,
+                      dtype=dtype, device=device)
 
     state = {"step": 0, "history": [], "evals": [], "resumes": [], "best": None}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=TAG)
+            ctx.load(Path(d))
             state = json.loads((Path(d) / STATE).read_text())
         state["resumes"].append({"from_step": state["step"], "rank_pid": os.getpid(),
                                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -115,6 +124,7 @@ def train_loop(spec: dict) -> None:
     m_step = ray_metric("odsd_distill_step_seconds")
     m_sps = ray_metric("odsd_distill_samples_per_second")
     m_loss = ray_metric("odsd_distill_loss")
+    m_stat = ray_metric("odsd_distill_stat")
     m_eval = ray_metric("odsd_eval_top1_ratio")
     feed = spec["feed"]
     out_dir = Path(spec["out_dir"])
@@ -145,6 +155,7 @@ def train_loop(spec: dict) -> None:
             engine.save_checkpoint(tmp, tag=TAG)
             if rank == 0:
                 (Path(tmp) / STATE).write_text(json.dumps(state))
+                ctx.save(Path(tmp))
                 if final:
                     from ..models import save_model
 
@@ -162,7 +173,8 @@ def train_loop(spec: dict) -> None:
         write_pid()
 
     sums: dict[str, float] = {}
-    count, t_log, n_log = 0, time.perf_counter(), 0
+    counts: dict[str, int] = {}
+    t_log, n_log = time.perf_counter(), 0
     if ckpt is not None:
         write_pid()
     while state["step"] < total:
@@ -177,16 +189,15 @@ def train_loop(spec: dict) -> None:
         for batch in batches:
             t0 = time.perf_counter()
             batch = _to_device(batch, device, dtype)
-            terms = engine(batch)
-            engine.backward(terms["total"])
-            engine.step()
+            ctx.step = state["step"]
+            terms = method.train_step(batch, ctx)
             dt = time.perf_counter() - t0
             state["step"] += 1
             done_in_pass += 1
-            count += 1
             n_log += bs
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+                counts[k] = counts.get(k, 0) + 1
             m_step.observe(dt)
             step = state["step"]
             epoch = (step - 1) // spe
@@ -194,17 +205,17 @@ def train_loop(spec: dict) -> None:
             if step % dcfg.log_every == 0 or epoch_end or step % dcfg.checkpoint_every == 0:
                 now = time.perf_counter()
                 sps = n_log / max(now - t_log, 1e-9)
-                terms_mean = _mean_terms(sums, count, device)
+                terms_mean = _mean_terms(sums, counts, device)
                 m_sps.set(sps, tags={"rank": str(rank)})
                 for k, v in terms_mean.items():
-                    m_loss.set(v, tags={"term": k})
+                    (m_stat if k in method.stats else m_loss).set(v, tags={"term": k})
                 entry = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0], "loss": terms_mean,
                          "samples_per_s_rank": sps, "samples_per_s": sps * world, "time": time.time()}
                 state["history"].append(entry)
                 if rank == 0:
                     _say(f"[distill] step {step}/{total} epoch {epoch} " + " ".join(
                         f"{k}={v:.4f}" for k, v in terms_mean.items()) + f" {sps * world:.1f} samples/s")
-                sums, count, t_log, n_log = {}, 0, now, 0
+                sums, counts, t_log, n_log = {}, {}, now, 0
             if epoch_end:
                 res = evaluate_now() if spec["eval_every_epoch"] else None
                 if rank == 0 and res is not None:

@@ -1,5 +1,13 @@
-"""Distillation methods by name (ARCHITECTURE.md's contract): `kd`, `odsd`, `ce`; later kd3/mosaickd add a class."""
-from . import ce, kd, odsd  # noqa: F401  (register)
-from .base import Method, build_method, known_methods, method_class, register
+"""Distillation methods by name (docs/DEVELOPING.md): every module of this package that registers a
+`Method` is imported here, so a new method is one new file (modules starting with `_`, `base` and
+`losses` are helpers)."""
+import importlib
+import pkgutil
 
-__all__ = ["Method", "build_method", "known_methods", "method_class", "register"]
+from .base import Dims, Method, build_method, known_methods, method_class, register, registry
+
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_") and _m.name not in ("base", "losses"):
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["Dims", "Method", "build_method", "known_methods", "method_class", "register", "registry"]

@@ -1,15 +1,21 @@
-"""`ce`: the student trained from labels alone (the "scratch" baseline of METHODS.md §4); no teacher."""
+"""`ce`: the student trained from labels alone (the "scratch" baseline of docs/METHODS.md §4); no teacher."""
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 
+from ...config import Section
 from .base import Method, register, weighted_mean
+
+
+class CEOptions(Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 @register
 class CE(Method):
     name = "ce"
-    views = 0
+    Options = CEOptions
     needs_labels = True
 
     def loss(self, batch, student, teacher):

@@ -5,23 +5,58 @@ switched off (`use_lnkd`, `use_self`, `use_rel`) for ablations; the heads train 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from ...config import Section
 from ...errors import UserError
 from .base import Method, register, teacher_outputs
 from .losses import low_noise_targets, nt_xent, relation_loss, relation_weights, sparse_kd_loss
 
 
+class ODSDOptions(Section):
+    tau: float = Field(4.0, gt=0)  # L_lnkd temperature (the selection's targets are made at sample.targets.tau)
+    lambda_self: float = Field(0.5, ge=0)  # weight of L_self (student self-contrast)
+    lambda_rel: float = Field(1.0, ge=0)  # weight of L_rel (teacher relations)
+    use_lnkd: bool = True  # ablation switches, one per term
+    use_self: bool = True
+    use_rel: bool = True
+    proj_dim: int = Field(128, ge=1)  # L_self projection head output
+    self_temp: float = Field(0.2, gt=0)  # NT-Xent temperature
+    rel_temp: float = Field(0.1, gt=0)  # relation softmax temperature
+    rel_conf_threshold: float = Field(0.5, ge=0, le=1)  # teacher maxprob below this down-weights a relation row
+    targets: Literal["auto", "selection", "teacher"] = "auto"  # L_lnkd targets: stored (selection) or online
+    target_topk: int = Field(3, ge=1)  # k' for online low-noise targets
+
+    @model_validator(mode="after")
+    def _one_term(self) -> "ODSDOptions":
+        if not (self.use_lnkd or self.use_self or self.use_rel):
+            raise ValueError("odsd needs at least one of use_lnkd, use_self, use_rel")
+        return self
+
+
 @register
 class ODSD(Method):
     name = "odsd"
-    views = 2
+    Options = ODSDOptions
 
-    def __init__(self, opts, student_dim: int, teacher_dim: int, num_classes: int):
-        super().__init__(opts, student_dim, teacher_dim, num_classes)
-        if not (opts.use_lnkd or opts.use_self or opts.use_rel):
-            raise UserError("distill.options: odsd needs at least one of use_lnkd, use_self, use_rel")
+    @classmethod
+    def views(cls, opts) -> int:
+        return 2
+
+    @classmethod
+    def selection_warnings(cls, opts, selection_meta: dict) -> list[str]:
+        tau = ((selection_meta.get("config") or {}).get("targets") or {}).get("tau")
+        if tau is not None and opts.use_lnkd and abs(float(tau) - opts.tau) > 1e-9:
+            return [f"the selection's targets were made at tau={tau}, distill.options.odsd.tau={opts.tau}"]
+        return []
+
+    def __init__(self, opts, dims):
+        super().__init__(opts, dims)
+        student_dim, teacher_dim = dims.student_dim, dims.teacher_dim
         if opts.use_self:  # 2-layer projection head (SimCLR-style)
             self.proj = nn.Sequential(nn.Linear(student_dim, student_dim), nn.ReLU(inplace=True),
                                       nn.Linear(student_dim, opts.proj_dim))
@@ -68,5 +103,5 @@ class ODSD(Method):
             return False
         has = "tgt_idx" in batch and "tgt_prob" in batch
         if self.opts.targets == "selection" and not has:
-            raise UserError("distill.options.targets=selection but the data has no stored targets")
+            raise UserError("distill.options.odsd.targets=selection but the data has no stored targets")
         return has
