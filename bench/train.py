@@ -6,8 +6,11 @@
 2. throughput: samples/s of `odsd distill` (2 workers, ZeRO-2, CIFAR-size student, the real data
    pipeline) against a plain single-process torch loop on the same model, global batch, method,
    augmentation and training data (the Parquet `odsd distill` materialised). Target >= 0.85x.
+3. cache: the KD step with the teacher's outputs cached (distill.teacher_outputs=cached) against the same
+   step with the teacher run online, in `odsd distill` and in the plain loop, side by side in one run.
+   Target: cached >= 1.8x online in `odsd distill`.
 
-usage: python bench/train.py [--part memory|throughput|all] [--pool ../shared/data/openworld/00000.tar]
+usage: python bench/train.py [--part memory|throughput|cache|all] [--pool ../shared/data/openworld/00000.tar]
        [--out bench/results/train.json]
 """
 from __future__ import annotations
@@ -151,7 +154,7 @@ def _make_inputs(args, scratch: Path) -> dict:
     return {"teacher": str(teacher), "selection": str(sel)}
 
 
-def _distill_config(args, scratch: Path, inp: dict):
+def _distill_config(args, scratch: Path, inp: dict, **over):
     from odsd_dist.config import build_config
 
     return build_config({
@@ -160,11 +163,13 @@ def _distill_config(args, scratch: Path, inp: dict):
         "distill": {"student": args.student, "method": args.method, "selection": inp["selection"],
                     "workers": 2, "worker_cpus": 0.5, "data_cpus": 0.25, "threads": 1, "zero_stage": 2,
                     "dtype": "fp32", "batch_size": args.batch, "steps": args.steps, "checkpoint_every": 10_000,
-                    "eval_every_epoch": False, "log_every": 5, "optimizer": "sgd", "lr": 0.05}})
+                    "eval_every_epoch": False, "log_every": 5, "optimizer": "sgd", "lr": 0.05,
+                    "cache": {"views": 4}, **over}})
 
 
 def plain_loop(cfg, train_dir: Path, steps: int, global_batch: int, threads: int) -> dict:
-    """The same step (model, method, augmentation, optimizer) in one process, no Ray, no DeepSpeed."""
+    """The same step (model, method, augmentation, optimizer) in one process, no Ray, no DeepSpeed (with the
+    stored teacher outputs when `train_dir` is a teacher cache)."""
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  (registers the tensor column type of train_data/)
     import torch
@@ -181,6 +186,7 @@ def plain_loop(cfg, train_dir: Path, steps: int, global_batch: int, threads: int
     cols = {k: table.column(k).to_numpy() for k in ("idx", "weight", "label")}
     tgt_i = table.column("tgt_idx").combine_chunks().to_numpy()
     tgt_p = table.column("tgt_prob").combine_chunks().to_numpy()
+    cached = {c: table.column(c).combine_chunks().to_numpy() for c in table.column_names if c.startswith("tc_")}
     teacher, tmeta = load_model(cfg.teacher.weights)
     teacher.requires_grad_(False)
     torch.manual_seed(0)
@@ -200,7 +206,8 @@ def plain_loop(cfg, train_dir: Path, steps: int, global_batch: int, threads: int
         t0 = time.perf_counter()
         pick = rng.choice(n, global_batch, replace=False)
         raw = {"image": images[pick], "idx": cols["idx"][pick], "weight": cols["weight"][pick],
-               "label": cols["label"][pick], "tgt_idx": tgt_i[pick], "tgt_prob": tgt_p[pick]}
+               "label": cols["label"][pick], "tgt_idx": tgt_i[pick], "tgt_prob": tgt_p[pick],
+               **{c: v[pick] for c, v in cached.items()}}
         b = augment_batch(raw, views=type(method).views(getattr(d.options, d.method)), aug=d.augment, mean=tmeta["mean"], std=tmeta["std"],
                           seed=(0, 0, step))
         batch = {k: torch.from_numpy(np.asarray(v)) for k, v in b.items()}
@@ -214,6 +221,47 @@ def plain_loop(cfg, train_dir: Path, steps: int, global_batch: int, threads: int
     wall = time.perf_counter() - t_start
     return {"steps": steps, "global_batch": global_batch, "threads": threads,
             "samples_per_s": global_batch * steps / wall, "median_step_s": float(np.median(times))}
+
+
+def _distill_sps(cfg, log_every: int) -> tuple[float, dict]:
+    """(steady samples/s, summary) of a fresh `odsd distill` run (training data and cache kept)."""
+    import shutil
+
+    from odsd_dist.distill import run_distill
+
+    shutil.rmtree(cfg.stage_dir("distill") / "ray_results", ignore_errors=True)
+    (cfg.stage_dir("distill") / "done.json").unlink(missing_ok=True)
+    summary = run_distill(cfg)
+    hist = json.loads((cfg.stage_dir("distill") / "history.json").read_text())["history"]
+    spe = summary["steps_per_epoch"]
+    steady = [h["samples_per_s"] for i, h in enumerate(hist) if i > 0 and (h["step"] - 1) % spe >= log_every]
+    return (float(np.median(steady)) if steady else summary["samples_per_s"]), summary
+
+
+def bench_cache(args, scratch: Path) -> dict:
+    """KD with the teacher online vs cached, in `odsd distill` and in the plain loop (one run, side by side)."""
+    import ray
+
+    inp = _make_inputs(args, scratch)
+    out = {}
+    for mode in ("online", "cached"):
+        cfg = _distill_config(args, scratch / mode, inp, method="kd", teacher_outputs=mode)
+        sps, summary = _distill_sps(cfg, args.log_every)
+        out[mode] = {"distill_steady_samples_per_s": sps, "summary": summary}
+    ray.shutdown()
+    for mode in ("online", "cached"):
+        folder = _distill_config(args, scratch / mode, inp).stage_dir("distill")
+        data = folder / ("teacher_cache" if mode == "cached" else "train_data")
+        cfg = _distill_config(args, scratch / mode, inp, method="kd")
+        out[mode]["plain"] = plain_loop(cfg, data, args.plain_steps, 2 * args.batch, args.threads)
+    out["ratio_distill"] = out["cached"]["distill_steady_samples_per_s"] / out["online"]["distill_steady_samples_per_s"]
+    out["ratio_plain"] = out["cached"]["plain"]["samples_per_s"] / out["online"]["plain"]["samples_per_s"]
+    print(f"\nTeacher outputs: {args.student} KD from the benchmark teacher, global batch {2 * args.batch}, fp32, CPU")
+    for mode in ("online", "cached"):
+        print(f"  {mode:7s} odsd distill (2 workers, ZeRO-2) {out[mode]['distill_steady_samples_per_s']:.1f} samples/s; "
+              f"plain loop {out[mode]['plain']['samples_per_s']:.1f} samples/s")
+    print(f"  cached / online: odsd distill {out['ratio_distill']:.2f}x (target 1.8), plain loop {out['ratio_plain']:.2f}x")
+    return out
 
 
 def bench_throughput(args, scratch: Path) -> dict:
@@ -253,7 +301,7 @@ def bench_throughput(args, scratch: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["memory", "throughput", "all"], default="all")
+    ap.add_argument("--part", choices=["memory", "throughput", "cache", "all"], default="all")
     ap.add_argument("--pool", default=str(ROOT.parent / "shared/data/openworld/00000.tar"))
     ap.add_argument("--scratch", default=str(ROOT / "runs/bench/train"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/train.json"))
@@ -273,6 +321,8 @@ def main() -> None:
     res = {"cmd": " ".join(sys.argv), "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M")}
     if args.part in ("throughput", "all"):
         res["throughput"] = bench_throughput(args, scratch / "throughput")
+    if args.part in ("cache", "all"):
+        res["cache"] = bench_cache(args, scratch / "cache")
     if args.part in ("memory", "all"):
         res["memory"] = bench_memory(args, scratch / "memory")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,8 @@ config keys (distill.*, defaults):
   optimizer=sgd|adamw  lr=0.05  batch_size=64 (per worker)  steps=(epochs x steps per epoch)  epochs=10
   checkpoint_every=200  max_failures=3  eval_every_epoch=true  worker_cpus=0.5  data_cpus=0.25
   source=selection|shards  selection=<out>/sample/selection.parquet  out=<out>/distill
+  teacher_outputs=online|cached (cached: the teacher's outputs on cache.views weak views per image,
+  computed once on Ray Data actors and shared through cache.dir; for kd and odsd)  channels_last=true
 
 writes: student.safetensors (student only, with metadata), history.json (loss terms, eval per epoch,
 best, resumes), ray_results/ (the Ray Train run and its DeepSpeed checkpoints), done.json

@@ -194,13 +194,13 @@ class Killer(threading.Thread):
             time.sleep(0.05)
 
 
-def _check_student(folder: Path, history: dict, eval_paths: list[str]) -> None:
+def _check_student(folder: Path, history: dict, eval_paths: list[str], method: str = "odsd") -> None:
     """The consolidated student loads, and its accuracy equals the in-run evaluation of the last epoch."""
     from odsd_dist.evaluate import evaluate_model
     from odsd_dist.models import load_model
 
     model, meta = load_model(folder / "student.safetensors")
-    assert meta["method"] == "odsd" and meta["steps"] == history["step"] and meta["arch"] == "resnet8"
+    assert meta["method"] == method and meta["steps"] == history["step"] and meta["arch"] == "resnet8"
     assert len(meta["teacher_sha256"]) == 64
     res = evaluate_model(model, meta, eval_paths, 64)
     assert res["top1"] == pytest.approx(history["evals"][-1]["top1"], abs=1e-9)
@@ -233,10 +233,19 @@ def _seed_train_data(cfg, train_data: Path) -> Path:
     return folder
 
 
-def test_worker_kill_resumes_from_checkpoint(ray_local, distill_inputs, train_data, tmp_path):
-    from odsd_dist.distill import run_distill
+@pytest.mark.parametrize("method,stage", [("odsd", 2), ("mosaickd", 3), ("kd3", 0)])
+def test_worker_kill_resumes_from_checkpoint(ray_local, distill_inputs, train_data, tmp_path, method, stage):
+    """A worker SIGKILLed mid-run: the group restarts from the latest checkpoint, with the method's own state
+    (MosaicKD's generator, discriminator, their Adam states and step counters), and finishes; every term
+    the method returns is in history.json."""
+    import torch
 
-    cfg = _cfg(distill_inputs, tmp_path, steps=8)  # 2 epochs of 4 steps; checkpoints at 3, 4, 6 and 8
+    from odsd_dist.distill import run_distill
+    from odsd_dist.distill.step import METHOD_STATE
+
+    # 2 epochs of 4 steps; checkpoints at 3, 4, 6 and 8
+    cfg = _cfg(distill_inputs, tmp_path, steps=8, method=method, zero_stage=stage,
+               options={"mosaickd": {"student_steps": 3, "ngf": 8, "ndf": 8}, "kd3": {"delta": 0.0}})
     folder = _seed_train_data(cfg, train_data)
     killer = Killer(folder, rank=1, after=3)
     killer.start()
@@ -251,7 +260,17 @@ def test_worker_kill_resumes_from_checkpoint(ray_local, distill_inputs, train_da
     steps = [h["step"] for h in history["history"]]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # no step counted twice after the resume
     assert len(history["evals"]) == 2 and summary["last_top1"] == history["evals"][-1]["top1"]
-    _check_student(folder, history, distill_inputs["eval"])
+    _check_student(folder, history, distill_inputs["eval"], method)
+    terms = set().union(*(h["loss"] for h in history["history"]))
+    assert {"odsd": {"lnkd", "self", "rel"}, "kd3": {"kd", "feat", "md", "kept"},
+            "mosaickd": {"loss_d", "loss_g", "g_adv", "g_align", "g_local", "g_balance", "student_kd"}}[method] <= terms
+    state_file = next(folder.glob("ray_results/*/checkpoint_00000008")) / METHOD_STATE
+    if method == "mosaickd":  # aux steps at loop steps 0, 3, 6: the counters survived the restart
+        st = torch.load(state_file, weights_only=True)
+        assert {n: r["step"] for n, r in st["aux"].items()} == {"generator": 3, "discriminator": 3}
+        assert st["aux"]["generator"]["optimizer"]["state"], "the generator's Adam state was not saved"
+    else:
+        assert not state_file.exists()  # heads train inside the engine: nothing beside its checkpoint
     # a rerun with nothing changed is skipped
     assert run_distill(cfg)["steps"] == 8
 
@@ -427,38 +446,60 @@ def test_methods_resume_equals_uninterrupted(ray_local, tmp_path):
         abs(a["total"] - b["total"]) < 1e-4 for a, b in zip(r0["kd3-0"]["straight"], r0["kd3-3"]["straight"]))
 
 
-@pytest.mark.parametrize("method,stage", [("mosaickd", 3), ("kd3", 0)])
-def test_method_worker_kill_resumes(ray_local, distill_inputs, train_data, tmp_path, method, stage):
-    """`odsd distill` with a method that owns modules: a worker SIGKILLed mid-run, the group restarts from
-    the checkpoint with the method's state (MosaicKD's generator, discriminator, their Adam states and
-    step counters) and finishes; every term is in history.json."""
+# --- cached teacher outputs -------------------------------------------------------------------------------
+
+def test_cached_teacher_outputs_rebuild_the_stored_view(distill_inputs):
+    """No Ray: the K views are a function of (seed, row id) alone; a training batch's weak view, rebuilt from
+    the stored parameters, gives the teacher exactly the stored logits and features back."""
     import torch
 
-    from odsd_dist.distill import run_distill
-    from odsd_dist.distill.step import METHOD_STATE
+    from odsd_dist.distill.augment import augment_batch
+    from odsd_dist.distill.config import AugmentConfig
+    from odsd_dist.distill.methods import Dims, build_method
+    from odsd_dist.distill.teacher_cache import TeacherCacher, view_params
+    from odsd_dist.models import load_model
 
-    cfg = _cfg(distill_inputs, tmp_path, method=method, zero_stage=stage, steps=8,
-               **{"options": {"mosaickd": {"student_steps": 3, "ngf": 8, "ndf": 8}, "kd3": {"delta": 0.0}}})
+    idx = np.array([5, 17, 2**40 + 3, 99])
+    a = view_params(idx, 0, 6, 4, True)
+    assert a.shape == (4, 6, 3) and (np.abs(a[:, :, 1:]) <= 4).all() and set(np.unique(a[:, :, 0])) <= {-1, 1}
+    np.testing.assert_array_equal(view_params(idx[[2, 0]], 0, 6, 4, True), a[[2, 0]])  # batch-independent
+    assert not np.array_equal(view_params(idx, 1, 6, 4, True), a)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    cacher = TeacherCacher(distill_inputs["teacher"], views=6, topk=2, feature_dim=8, seed=0, pad=4, flip=True,
+                           threads=1)
+    out = cacher({"image": image, "idx": idx, "weight": np.ones(4, np.float32)})
+    assert out["tc_idx"].shape == (4, 6, 2) and out["tc_feat"].shape == (4, 6, 8) and out["tc_feat"].dtype == np.float16
+    teacher, meta = load_model(distill_inputs["teacher"])
+    aug = AugmentConfig()
+    b = augment_batch(out, views=0, aug=aug, mean=meta["mean"], std=meta["std"], seed=(0, 3, 0))
+    with torch.no_grad():
+        z = teacher(torch.from_numpy(b["weak"]))
+    val, top = z.topk(2, dim=1)
+    np.testing.assert_array_equal(top.numpy(), b["t_idx"])
+    np.testing.assert_allclose(val.numpy(), b["t_val"], rtol=1e-5, atol=1e-5)
+    # a method sees the stored outputs as dense logits (-1e4 outside the top-k) without the teacher
+    m = build_method("kd", build_config({}).distill.options, Dims(64, 8, 3))
+    f_t, z_t = m.teacher_outputs({k: torch.from_numpy(np.asarray(v)) for k, v in b.items()}, None)
+    assert f_t.shape == (4, 8) and z_t.shape == (4, 3)
+    assert torch.equal(z_t.topk(2, 1).indices.sort(1).values, torch.from_numpy(b["t_idx"]).sort(1).values)
+
+
+def test_cached_teacher_outputs_end_to_end(ray_local, distill_inputs, train_data, tmp_path):
+    """`odsd distill` with distill.teacher_outputs=cached: the cache is built once (resumable by chunk), the
+    workers train from it without the teacher, and methods that need a live teacher refuse it."""
+    from odsd_dist.distill import check_config, run_distill
+    from odsd_dist.distill.teacher_cache import DONE
+
+    with pytest.raises(UserError, match="needs the teacher at every step"):
+        check_config(_cfg(distill_inputs, tmp_path, method="mosaickd", teacher_outputs="cached"))
+    cfg = _cfg(distill_inputs, tmp_path, method="odsd", teacher_outputs="cached", steps=4, checkpoint_every=10,
+               **{"cache": {"views": 3, "feature_dim": 16, "batch_size": 16}})
     folder = _seed_train_data(cfg, train_data)
-    killer = Killer(folder, rank=1, after=3)
-    killer.start()
     summary = run_distill(cfg)
-    killer.join(1)
-    assert killer.killed is not None, "no worker was killed"
+    (done,) = (folder / "teacher_cache").glob(f"*/{DONE}")  # one folder per cache content
+    rec = json.loads(done.read_text())
+    assert rec["rows"] == distill_inputs["n"] and rec["views"] == 3
+    assert summary["steps"] == 4
     history = json.loads((folder / "history.json").read_text())
-    assert history["step"] == 8 == summary["steps"] and summary["method"] == method
-    assert history["resumes"] and history["resumes"][0]["from_step"] >= killer.killed["registered"] >= 3
-    terms = set().union(*(h["loss"] for h in history["history"]))
-    want = ({"loss_d", "loss_g", "g_adv", "g_align", "g_local", "g_balance", "student_kd"} if method == "mosaickd"
-            else {"kd", "feat", "md", "kept"})
-    assert want <= terms, terms
-    final = sorted(folder.glob("ray_results/*/checkpoint_00000008"))
-    assert final, "no final checkpoint"
-    state_file = final[-1] / METHOD_STATE
-    if method == "mosaickd":  # aux steps at loop steps 0, 3, 6: the counters survived the restart
-        st = torch.load(state_file, weights_only=True)
-        assert {n: r["step"] for n, r in st["aux"].items()} == {"generator": 3, "discriminator": 3}
-        assert st["aux"]["generator"]["optimizer"]["state"], "the generator's Adam state was not saved"
-    else:
-        assert not state_file.exists()  # kd3's heads train inside the engine: nothing beside it
-    assert summary["resumes"] >= 1
+    assert {"lnkd", "self", "rel"} <= set(history["history"][-1]["loss"])

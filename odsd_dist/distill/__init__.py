@@ -29,7 +29,7 @@ def check_config(cfg: Config) -> dict:
     distill.shards for source=shards, and eval.shards when evaluated every epoch; else []).
     """
     from ..models import ARCHS, build_model, read_model_meta
-    from .methods import method_class
+    from .methods import method_class, registry
 
     d = cfg.distill
     mcls = method_class(d.method)  # its options were validated with the config
@@ -47,6 +47,10 @@ def check_config(cfg: Config) -> dict:
 
         if not torch.cuda.is_available() and cfg.ray.address is None:
             raise UserError("distill.device=cuda but no CUDA device is visible (set distill.device=cpu)")
+    if d.teacher_outputs == "cached" and not mcls.cached_teacher:
+        raise UserError(f"distill.teacher_outputs=cached: method {d.method} needs the teacher at every step; "
+                        f"use distill.teacher_outputs=online (cached works with: "
+                        f"{', '.join(n for n, c in sorted(registry().items()) if c.cached_teacher)})")
     if d.source == "selection" and mcls.needs_labels:
         raise UserError(f"distill.method={d.method} needs labels: set distill.source=shards with labelled shards")
     shards = []
@@ -145,6 +149,23 @@ def run_distill(cfg: Config) -> dict:
                        size=size, channels=chans, max_pixels=cfg.score.max_pixels,
                        decode_batch_size=d.decode_batch_size, data_cpus=d.data_cpus,
                        with_labels=plan["method"].needs_labels)
+    train_dir = folder / "train_data"
+    if d.teacher_outputs == "cached":
+        from .teacher_cache import build_teacher_cache, cache_folder, data_digest
+
+        c = d.cache
+        cache_dir, cache_inputs = cache_folder(
+            Path(c.dir) if c.dir else folder / "teacher_cache", data=data_digest(plan["selection"], plan["shard_paths"]),
+            teacher_sha256=plan["teacher_sha256"], views=c.views, topk=c.topk, feature_dim=c.feature_dim, seed=c.seed,
+            pad=d.augment.weak_pad, flip=d.augment.flip, size=size)
+        cache = build_teacher_cache(cache_dir, train_dir, cache_inputs, weights=str(Path(cfg.teacher.weights).resolve()),
+                                    views=c.views, topk=c.topk, feature_dim=c.feature_dim, seed=c.seed,
+                                    pad=d.augment.weak_pad, flip=d.augment.flip, batch_size=c.batch_size,
+                                    actor_cpus=c.actor_cpus, threads=c.threads or max(1, int(-(-c.actor_cpus // 1))),
+                                    device=d.device)
+        print(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
+              f"({cache['seconds']:.0f} s)", file=sys.stderr)
+        train_dir = cache_dir
     rows = data["rows"]
     spe = (rows // d.workers) // d.batch_size
     if spe < 1:
@@ -157,7 +178,7 @@ def run_distill(cfg: Config) -> dict:
     spec = {
         "distill": d.model_dump(mode="json"), "seed": cfg.seed, "teacher_weights": str(Path(cfg.teacher.weights).resolve()),
         "teacher_sha256": plan["teacher_sha256"], "student_meta": student_meta, "threads": threads,
-        "train_dir": str((folder / "train_data").resolve()), "rows": rows, "steps_per_epoch": spe,
+        "train_dir": str(train_dir.resolve()), "rows": rows, "steps_per_epoch": spe,
         "total_steps": total, "batch_size": d.batch_size, "workers": d.workers, "views": plan["method"].views(getattr(d.options, d.method)),
         "augment": d.augment.model_dump(mode="json"), "mean": list(tmeta.get("mean") or [0.0] * chans),
         "std": list(tmeta.get("std") or [1.0] * chans), "data_cpus": d.data_cpus,

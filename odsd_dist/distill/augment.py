@@ -22,18 +22,29 @@ def _grid_sample(x: torch.Tensor, theta: np.ndarray, size: int, padding: str) ->
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
+def weak_params(n: int, rng: np.random.Generator, pad: int, flip: bool) -> np.ndarray:
+    """(n, 3) int8: horizontal sign (+1/-1) and the integer x/y shifts of `n` weak views."""
+    sx = np.where(rng.random(n) < 0.5, -1, 1) if flip else np.ones(n, np.int64)
+    dx = rng.integers(-pad, pad + 1, n) if pad else np.zeros(n, np.int64)
+    dy = rng.integers(-pad, pad + 1, n) if pad else np.zeros(n, np.int64)
+    return np.stack([sx, dx, dy], 1).astype(np.int8)
+
+
+def weak_from_params(x: torch.Tensor, params: np.ndarray) -> torch.Tensor:
+    """The weak views given by `params` (weak_params): flip + zero-padded integer shift, exactly."""
+    n, _, h, w = x.shape
+    params = np.asarray(params, np.float64)
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0] = params[:, 0]
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 2.0 * params[:, 1] / w  # one pixel = 2/W in normalised coordinates: exact shifts
+    theta[:, 1, 2] = 2.0 * params[:, 2] / h
+    return _grid_sample(x, theta, h, "zeros")
+
+
 def weak_view(x: torch.Tensor, rng: np.random.Generator, pad: int, flip: bool) -> torch.Tensor:
     """Flip + pad-crop (zero padding, integer shifts of up to `pad` pixels); x float N x C x H x W in [0, 255]."""
-    n, _, h, w = x.shape
-    sx = np.where(rng.random(n) < 0.5, -1.0, 1.0) if flip else np.ones(n)
-    dx = rng.integers(-pad, pad + 1, n) if pad else np.zeros(n)
-    dy = rng.integers(-pad, pad + 1, n) if pad else np.zeros(n)
-    theta = np.zeros((n, 2, 3))
-    theta[:, 0, 0] = sx
-    theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = 2.0 * dx / w  # one pixel = 2/W in normalised coordinates: exact shifts
-    theta[:, 1, 2] = 2.0 * dy / h
-    return _grid_sample(x, theta, h, "zeros")
+    return weak_from_params(x, weak_params(x.shape[0], rng, pad, flip))
 
 
 def strong_view(x: torch.Tensor, rng: np.random.Generator, aug) -> torch.Tensor:
@@ -101,8 +112,31 @@ def augment_batch(batch: dict, *, views: int, aug, mean: Sequence[float], std: S
     if not image.flags.writeable:  # Ray Data hands read-only views of its blocks; torch wants writable memory
         image = image.copy()
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2).float()
-    out = {k: v for k, v in batch.items() if k not in ("image", "idx", "key")}
-    out["weak"] = normalise(weak_view(x, rng, aug.weak_pad, aug.flip), mean, std).numpy()
+    out = {k: v for k, v in batch.items() if k not in ("image", "idx", "key") and not k.startswith("tc_")}
+    if "tc_params" in batch:  # cached teacher outputs: one of the K stored weak views, rebuilt exactly
+        pick = cached_view(batch, seed, idx)
+        out["weak"] = normalise(weak_from_params(x, pick.pop("params")), mean, std).numpy()
+        out.update(pick)
+    else:
+        out["weak"] = normalise(weak_view(x, rng, aug.weak_pad, aug.flip), mean, std).numpy()
     for v in range(views):
         out[f"view{v}"] = normalise(strong_view(x, rng, aug), mean, std).numpy()
     return out
+
+
+def cached_view(batch: dict, seed: Sequence[int], idx: np.ndarray) -> dict:
+    """Each row's stored view for this epoch (a function of (seed, epoch, row idx) only) and its teacher outputs:
+    {params (n, 3), t_idx (n, k) int64, t_val (n, k) float32 logits, t_feat (n, d) float32}."""
+    params = np.asarray(batch["tc_params"])  # (n, K, 3)
+    n, k_views = params.shape[:2]
+    h = np.asarray([zlib_hash(seed, int(i)) for i in idx], np.int64) % k_views
+    rows = np.arange(n)
+    return {"params": params[rows, h], "t_idx": np.asarray(batch["tc_idx"])[rows, h].astype(np.int64),
+            "t_val": np.asarray(batch["tc_val"])[rows, h].astype(np.float32),
+            "t_feat": np.asarray(batch["tc_feat"])[rows, h].astype(np.float32)}
+
+
+def zlib_hash(seed: Sequence[int], i: int) -> int:
+    import zlib
+
+    return zlib.crc32(np.asarray([*(int(s) & 0xFFFFFFFF for s in seed), i & 0xFFFFFFFF], np.uint32).tobytes())

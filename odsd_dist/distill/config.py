@@ -37,10 +37,30 @@ class AugmentConfig(Section):
     shuffle_buffer: int = Field(1024, ge=0)  # local shuffle buffer rows per worker (0: off)
 
 
+class TeacherCacheConfig(Section):
+    """distill.teacher_outputs=cached: the teacher's outputs on K seeded weak views of every training image,
+    computed once on Ray Data actors (distill/teacher_cache.py)."""
+
+    views: int = Field(8, ge=1)  # K stored weak views per image; training draws one per image and epoch
+    topk: int = Field(10, ge=1)  # logits kept per view (the rest count as -inf); min(C, topk)
+    feature_dim: int = Field(256, ge=1)  # teacher features above this width get a fixed random projection
+    batch_size: int = Field(256, ge=1)
+    actor_cpus: float = Field(1.0, gt=0)
+    threads: Optional[int] = Field(None, ge=1)  # torch threads of the actor (default: actor_cpus rounded up)
+    seed: int = 0  # seeds the K views of every image (the run's seed picks one per epoch)
+    # where caches live, one folder per content (data, teacher, settings): runs with the same training rows
+    # and teacher share one (default: <distill out>/teacher_cache)
+    dir: Optional[str] = None
+
+
 class DistillConfig(Section):
     student: str = "resnet8"  # models.build_model arch
     method: str = "odsd"  # registry name (distill/methods): odsd, kd, kd3, mosaickd, ce
     options: MethodOptions = Field(default_factory=MethodOptions)
+    # online: the teacher runs at every step; cached: its outputs on K stored weak views, computed once
+    # (methods that need a live teacher, kd3 and mosaickd, refuse `cached`)
+    teacher_outputs: Literal["online", "cached"] = "online"
+    cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     source: Literal["selection", "shards"] = "selection"  # the sample stage's selection, or `shards` below
     shards: list[str] = Field(default_factory=list)  # source=shards: labelled or unlabelled tars (all keys)
     selection: Optional[str] = None  # selection.parquet (default: <sample dir>/selection.parquet)
@@ -54,6 +74,7 @@ class DistillConfig(Section):
     data_cpus: float = Field(0.25, gt=0)  # CPUs per Ray Data decode/augment task
     zero_stage: int = Field(2, ge=0, le=3)
     dtype: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = True  # images in channels-last layout (docs/BENCHMARKS.md, "Training")
     device: Literal["cpu", "cuda"] = "cpu"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -98,5 +119,5 @@ class DistillConfig(Section):
 
 # Keys that change how a run is executed but not what it computes: left out of the stage fingerprint
 # so a rerun with, e.g., more allowed failures resumes the same run.
-RUNTIME_KEYS = ("max_failures", "log_every", "keep_checkpoints", "data_cpus", "worker_cpus", "threads",
+RUNTIME_KEYS = ("channels_last", "max_failures", "log_every", "keep_checkpoints", "data_cpus", "worker_cpus", "threads",
                 "eval_batch_size", "decode_batch_size")

@@ -66,6 +66,7 @@ class Method(nn.Module):
     Options: type[Section] = NoOptions
     needs_labels: bool = False  # the data source must carry labels (e.g. `ce`)
     stats: tuple[str, ...] = ()  # returned terms that are not losses (exported as odsd_distill_stat)
+    cached_teacher: bool = False  # can learn from stored teacher outputs (distill.teacher_outputs=cached)
 
     def __init__(self, opts, dims: Dims):
         super().__init__()
@@ -107,6 +108,16 @@ class Method(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def teacher_outputs(self, batch: dict, teacher: Optional[nn.Module], view: str = "weak"):
+        """(features, logits) of the teacher on `view`: the stored ones when the batch carries them (cached
+        teacher outputs: top-k logits, the rest -1e4, i.e. probability 0), else the frozen teacher's."""
+        if "t_idx" in batch:
+            idx = batch["t_idx"].long()
+            z = torch.full((idx.shape[0], self.dims.num_classes), -1e4, device=idx.device)
+            z.scatter_(1, idx, batch["t_val"].float())
+            return batch["t_feat"].float(), z
+        return teacher_outputs(teacher, batch[view])
 
     # --- the step ---
     def train_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from ...config import Section
-from .base import Method, register, teacher_outputs
+from .base import Method, register
 from .losses import kd_loss
 
 
@@ -23,13 +23,14 @@ class KDOptions(Section):
 class KD(Method):
     name = "kd"
     Options = KDOptions
+    cached_teacher = True
 
     @classmethod
     def views(cls, opts) -> int:
         return 2 if opts.strong else 0
 
     def loss(self, batch, student, teacher):
-        _, z_t = teacher_outputs(teacher, batch["weak"])
+        _, z_t = self.teacher_outputs(batch, teacher)
         w = batch.get("weight")
         if not self.opts.strong:
             kd = kd_loss(student(batch["weak"]), z_t, self.opts.tau, w)

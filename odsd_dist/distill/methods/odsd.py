@@ -13,7 +13,7 @@ from torch import nn
 
 from ...config import Section
 from ...errors import UserError
-from .base import Method, register, teacher_outputs
+from .base import Method, register
 from .losses import low_noise_targets, nt_xent, relation_loss, relation_weights, sparse_kd_loss
 
 
@@ -42,6 +42,7 @@ class ODSDOptions(Section):
 class ODSD(Method):
     name = "odsd"
     Options = ODSDOptions
+    cached_teacher = True
 
     @classmethod
     def views(cls, opts) -> int:
@@ -73,7 +74,7 @@ class ODSD(Method):
         need_teacher = o.use_rel or (o.use_lnkd and not self._stored_targets(batch))
         f_t = z_t = None
         if need_teacher:
-            f_t, z_t = teacher_outputs(teacher, batch["weak"])
+            f_t, z_t = self.teacher_outputs(batch, teacher)
         if o.use_lnkd:
             if self._stored_targets(batch):
                 idx, prob = batch["tgt_idx"], batch["tgt_prob"]
