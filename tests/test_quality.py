@@ -41,7 +41,8 @@ def tiny_config(root: Path) -> dict:
         "teacher": {"train": True},
         "seeds": [0],
         "rows": ROWS[:-1] + [{"name": "scratch", "label": "Scratch (labels)"}],
-        "tune": {"enabled": True, "rows": ["scratch"], "grid": {"distill.lr": [0.05, 0.1]}},
+        "tune": {"enabled": True, "rows": ["scratch"], "grid": {"distill.lr": [0.05, 0.1]},
+                 "share": {"scratch": ["oracle_kd"]}},
         "odsd": {
             "seed": 0,
             "ray": {"num_cpus": 2},
@@ -139,6 +140,9 @@ def test_quality_bench_tiny_grey(ray_local, tmp_path):
     assert doc["setup"]["val_images"] == 12 and doc["setup"]["test_images"] == 18
     # tuned on val: two candidates for scratch, the chosen one reported; the other rows use the base config
     assert len(by["scratch"]["tuning"]["trials"]) == 2 and by["scratch"]["chosen"][0].startswith("distill.lr=")
+    # oracle_kd takes scratch's choice (tune.share) without a search of its own
+    assert by["oracle_kd"]["tuning"]["shared_from"] == "scratch" and by["oracle_kd"]["chosen"] == by["scratch"]["chosen"]
+    assert not by["oracle_kd"]["tuning"]["trials"] and doc["complete"]
     assert by["odsd"]["chosen"] == [] and by["odsd"]["tuning"]["trials"] == []
     assert by["scratch"]["label"] == "Scratch (labels)"
     # two epochs: the student at the best validation epoch is evaluated on test too

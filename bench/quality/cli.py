@@ -53,9 +53,10 @@ def main(argv=None) -> int:
         from .runner import run_benchmark
 
         t0 = time.time()
-        raw = run_benchmark(qc, [r.strip() for r in args.rows.split(",")] if args.rows else None)
         given = sys.argv[1:] if argv is None else argv
         command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in given)
+        raw = run_benchmark(qc, [r.strip() for r in args.rows.split(",")] if args.rows else None,
+                            on_row=lambda part: write_report(part, qc, command, ROOT))
         write_report(raw, qc, command, ROOT)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,6 +42,9 @@ class TuneConfig(_Section):
     metric: Literal["val_last", "val_best"] = "val_last"
     grid: dict[str, list[Any]] = Field(default_factory=dict)  # key -> candidate values, for the rows below
     rows: Optional[list[str]] = None  # rows that get `grid` (default: every row); a row's own grid adds to it
+    # rows that take another (tuned) row's chosen values instead of a search of their own, e.g.
+    # {kd_maxprob: [kd_pool, kd_random]}: one search per family of rows, documented in the report
+    share: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class RowSpec(_Section):
@@ -52,6 +55,7 @@ class RowSpec(_Section):
     source: Optional[Literal["pool", "train"]] = None  # required for a name that is not registered
     set: list[str] = Field(default_factory=list)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: Optional[list[int]] = Field(None, min_length=1)  # this row's seeds (default: the config's `seeds`)
     group: Optional[str] = None
     what: Optional[str] = None
 

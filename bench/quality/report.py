@@ -90,7 +90,8 @@ def targets(rows: list[dict]) -> dict:
 
 def markdown(doc: dict) -> str:
     s = doc["setup"]
-    lines = [f"# Quality benchmark ({doc['mode']} mode)", "",
+    done = f"{len(doc['rows'])} of {len(doc.get('rows_planned') or doc['rows'])} rows"
+    lines = [f"# Quality benchmark ({doc['mode']} mode)" + ("" if doc.get("complete", True) else f", {done} so far"), "",
              f"- command: `{doc['command']}`",
              f"- commit: `{doc['git']['commit']}`" + (" (with uncommitted changes)" if doc["git"]["dirty"] else ""),
              f"- finished: {doc['finished_at']}; {doc['seconds']:.0f} s in all; {doc['machine']}",
@@ -111,6 +112,8 @@ def markdown(doc: dict) -> str:
     for r in doc["rows"]:
         ips, wall = r["images_per_s"]["mean"], r["wall_s"]["mean"]
         chosen = " ".join(f"`{c}`" for c in r["chosen"]) or "–"
+        if r["tuning"].get("shared_from"):
+            chosen += f" (from {r['tuning']['shared_from']})"
         lines.append(f"| {r['label']} | {r['train_images'] if r['train_images'] is not None else '–'} | "
                      f"{_pct(r['test_last'])} | {_pct(r['test_at_best_val'])} | {_pct(r['val_best'])} | "
                      f"{'–' if wall is None else f'{wall:.0f}'} | {'–' if ips is None else f'{ips:.0f}'} | {chosen} |")
@@ -247,6 +250,7 @@ def write_report(raw: dict, qc, command: str, root: Path) -> dict:
         },
         "rows": rows, "targets": targets(rows), "config": qc.model_dump(),
         "left_out_rows": list(qc._left_out),
+        "rows_planned": raw.get("rows_planned"), "complete": len(rows) == len(raw.get("rows_planned") or rows),
     }
     out = Path(qc.out)
     atomic_write_json(out / "quality.json", doc)

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from odsd_dist.config import Config, build_config, expand_paths
 from odsd_dist.errors import UserError
@@ -45,6 +45,7 @@ def _yaml_value(v) -> str:
 class Plan:
     row: Row
     grid: dict = field(default_factory=dict)  # key -> candidate values (tuned on val)
+    seeds: Optional[list[int]] = None  # the row's own seeds (None: the config's)
 
 
 def resolve_rows(qc: QualityConfig, only: Optional[list[str]] = None) -> list[Plan]:
@@ -80,12 +81,16 @@ def resolve_rows(qc: QualityConfig, only: Optional[list[str]] = None) -> list[Pl
         for k, vals in grid.items():
             if not isinstance(vals, list) or not vals:
                 raise UserError(f"tune grid of {row.name}: {k} needs a non-empty list of values")
-        plans.append(Plan(row, grid))
+        plans.append(Plan(row, grid, spec.seeds))
     if only:
         unknown = [n for n in only if n not in seen]
         if unknown:
             raise UserError(f"--rows: {', '.join(unknown)} not in the config's rows ({', '.join(seen)})")
         plans = [p for p in plans if p.row.name in only]
+    for src, dsts in qc.tune.share.items():
+        stray = [n for n in [src, *dsts] if n not in seen]
+        if stray:
+            raise UserError(f"tune.share: {', '.join(stray)} not in the config's rows")
     if qc.tune.rows:
         stray = [n for n in qc.tune.rows if n not in seen]
         if stray:
@@ -316,17 +321,43 @@ def tune_row(setup: Setup, qc: QualityConfig, plan: Plan, seed: int) -> dict:
     return {"chosen": best["set"], "trials": trials, "metric": qc.tune.metric}
 
 
-def run_benchmark(qc: QualityConfig, only_rows: Optional[list[str]] = None) -> dict:
-    """Everything: returns the raw results (per row: tuning, per-seed runs) for the report."""
+def run_benchmark(qc: QualityConfig, only_rows: Optional[list[str]] = None,
+                  on_row: Optional[Callable[[dict], None]] = None) -> dict:
+    """Everything: returns the raw results (per row: tuning, per-seed runs) for the report.
+
+    `on_row(raw so far)` is called after every finished row (the CLI writes the report then), so a run
+    stopped part-way keeps what it finished; a rerun skips every finished stage and continues.
+    """
     plans = resolve_rows(qc, only_rows)
     t0 = time.perf_counter()
     setup = prepare(qc)
     tune_seed = qc.tune.seed if qc.tune.seed is not None else qc.seeds[0]
     results = []
+
+    def raw() -> dict:
+        return {"setup": setup, "results": list(results), "seconds": round(time.perf_counter() - t0, 1),
+                "tune_seed": tune_seed, "rows_planned": [p.row.name for p in plans]}
+
+    by_name = {p.row.name: p for p in plans}
+    source_of = {dst: src for src, dsts in qc.tune.share.items() for dst in dsts}
+    tunings: dict[str, dict] = {}
+
+    def tuning_of(plan: Plan) -> dict:
+        if plan.row.name not in tunings:
+            src = source_of.get(plan.row.name)
+            if src is not None:  # the family's search, run once (first by the row that needs it)
+                t = tuning_of(by_name[src])
+                tunings[plan.row.name] = {"chosen": t["chosen"], "trials": [], "metric": t["metric"],
+                                          "shared_from": src}
+            else:
+                tunings[plan.row.name] = tune_row(setup, qc, plan, tune_seed)
+        return tunings[plan.row.name]
+
     for plan in plans:
-        tuning = tune_row(setup, qc, plan, tune_seed)
+        tuning = tuning_of(plan)
         chosen = tuple(tuning["chosen"])
-        runs = [run_one(setup, plan.row, chosen, seed, test=True) for seed in qc.seeds]
+        runs = [run_one(setup, plan.row, chosen, seed, test=True) for seed in (plan.seeds or qc.seeds)]
         results.append({"row": plan.row, "tuning": tuning, "runs": runs})
-    return {"setup": setup, "results": results, "seconds": round(time.perf_counter() - t0, 1),
-            "tune_seed": tune_seed}
+        if on_row is not None:
+            on_row(raw())
+    return raw()
