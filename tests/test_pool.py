@@ -18,6 +18,7 @@ from odsd_dist.config import load_config
 from odsd_dist.shards import dupes as D
 from odsd_dist.shards.decode import Damaged, decode_image, pick_image
 from odsd_dist.shards.keys import key_problem, safe_repr
+from odsd_dist.shards.tario import iter_samples
 from odsd_dist.shards.verify import verify_shards
 
 
@@ -117,3 +118,15 @@ def test_score_crawl_pool(crawl, tmp_path, ray_local):
     assert all(0x20 <= ord(c) < 0x7F for b in bad for c in b["key"])
     assert REGISTRY.get_sample_value("odsd_score_duplicate_keys") == 3
     assert pq.read_table(Path(tmp_path) / "score" / "duplicates.parquet").num_rows == 3
+
+
+def test_ray_duplicate_pass_equals_local(crawl, ray_local):
+    from odsd_dist.score.dupes import find_duplicates
+
+    names = [Path(x).stem for x in crawl["paths"]]
+    keys = [[(i, s["__key__"]) for i, s in enumerate(iter_samples(x)) if key_problem(s["__key__"]) is None]
+            for x in crawl["paths"]]
+    for n in (1, 4):  # one shard: one partition
+        got = find_duplicates(names[:n], crawl["paths"][:n])
+        assert got.equals(D.find_duplicates_local(keys[:n], names[:n], 3)), n
+    assert find_duplicates(names, crawl["paths"]).num_rows == 3

@@ -107,6 +107,9 @@ def run_score(cfg: Config) -> dict:
     for name in todo:  # never leave a stale table of an unfinished shard behind
         for sub in ("scores", "quarantine"):
             (folder / sub / f"{name}.parquet").unlink(missing_ok=True)
+    for sub in ("scores", "quarantine"):  # nor the temporary file of a write a kill -9 cut short
+        for tmp in (folder / sub).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     t0 = time.perf_counter()
     scored_rows, pipeline_seconds = 0, 0.0
     if todo:

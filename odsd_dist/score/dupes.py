@@ -27,9 +27,10 @@ def _shard_keys(path: str) -> list[tuple[int, str]]:
     return [(i, s["__key__"]) for i, s in enumerate(iter_samples(path, errors=[])) if key_problem(s["__key__"]) is None]
 
 
-def _map(first_idx: int, paths: list[str], partitions: int) -> list[pa.Table]:
+def _map(first_idx: int, paths: list[str], partitions: int):
     parts = [D.partition_keys(first_idx + j, _shard_keys(p), partitions) for j, p in enumerate(paths)]
-    return [pa.concat_tables([m[q] for m in parts]) for q in range(partitions)]
+    out = [pa.concat_tables([m[q] for m in parts]) for q in range(partitions)]
+    return out if partitions > 1 else out[0]  # Ray: num_returns=1 is one object, not a list of one
 
 
 def find_duplicates(names: list[str], paths: list[str], cpus: float = 1.0) -> pa.Table:
@@ -39,7 +40,7 @@ def find_duplicates(names: list[str], paths: list[str], cpus: float = 1.0) -> pa
     group = max(1, math.ceil(len(paths) / MAX_MAP_TASKS))
     starts = list(range(0, len(paths), group))
     partitions = max(1, min(MAX_PARTITIONS, len(starts)))
-    mapper = ray.remote(num_cpus=cpus, num_returns=partitions)(_map) if partitions > 1 else ray.remote(num_cpus=cpus)(_map)
+    mapper = ray.remote(num_cpus=cpus, num_returns=partitions)(_map)
     outs = []
     for s in starts:
         refs = mapper.remote(s, paths[s:s + group], partitions)

@@ -11,6 +11,7 @@ are never padded.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -61,6 +62,9 @@ _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE
                    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 # Truncated data must raise, never be padded with grey (PIL's default; enforced again on every decode).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# PIL warns once per odd TIFF/EXIF block ("Corrupt EXIF data", "Tag data larger than file"): in a crawl that
+# is a log line per image; the entry itself still decodes or is quarantined with its reason.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class Damaged(Exception):
