@@ -130,3 +130,14 @@ def test_ray_duplicate_pass_equals_local(crawl, ray_local):
         got = find_duplicates(names[:n], crawl["paths"][:n])
         assert got.equals(D.find_duplicates_local(keys[:n], names[:n], 3)), n
     assert find_duplicates(names, crawl["paths"]).num_rows == 3
+
+
+@pytest.mark.parametrize("data,fmt", [
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n" + bytes(40), "EPS"),  # would run Ghostscript: never opened
+    (b"II*\x00\x10\x00\x00\x00CR\x02\x00" + bytes(64), "CR2"),  # a TIFF by its magic, but a camera raw
+    (b"\x00\x00\x00\x1cftypavif" + bytes(40), "AVIF"),
+])
+def test_recognised_formats_not_decoded(data, fmt):
+    with pytest.raises(Damaged) as e:
+        decode_image(data, "jpg", 32)
+    assert e.value.reason == "unsupported" and fmt in e.value.detail

@@ -47,13 +47,12 @@ _ALLOWED_FORMATS = tuple(_OPENERS)
 # The usual file extension of each decoded format (odsd shards build --format keep).
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
               "ICO": "ico", "PPM": "ppm", "JPEG2000": "jp2", "QOI": "qoi"}
-_MAGIC = (  # (magic, format), checked in order after JPEG/PNG/WebP
+_MAGIC = (  # (magic, format), checked in order after JPEG/PNG/WebP; CR2/PSD/EXR/EPS -> `unsupported`
+    (b"II*\x00\x10\x00\x00\x00CR", "CR2"),  # a camera raw is a TIFF too: checked before TIFF, not decoded
     (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
     (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"), (b"\xff\x4f\xff\x51", "JPEG2000"),
     (b"qoif", "QOI"),
-    # recognised, not decoded -> `unsupported`
     (b"8BPS", "PSD"), (b"\x76\x2f\x31\x01", "EXR"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"),
-    (b"II*\x00\x10\x00\x00\x00CR", "CR2"),
 )
 _FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF"}
 # EXIF orientation -> the transpose that shows the image upright (what browsers do).
@@ -242,10 +241,10 @@ def decode_batch(items: Sequence[Optional[tuple[str, Optional[bytes]]]], size: i
 def decode_sample(sample: dict, size: int, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode the image member of a WebDataset sample dict; a sample without one is Damaged('no_image'),
     one whose key is not a plain name (shards/keys.py) Damaged('bad_key')."""
-    problem = key_problem(sample.get("__key__", ""))
+    problem = key_problem(sample["__key__"]) if "__key__" in sample else None  # a plain dict has no key to check
     if problem is not None:
         members = [k for k in sample if not k.startswith("__")]
-        raise Damaged("bad_key", bad_key_detail(str(sample.get("__key__", "")), members, problem))
+        raise Damaged("bad_key", bad_key_detail(str(sample["__key__"]), members, problem))
     picked = pick_image(sample)
     if picked is None:
         exts = sorted(k for k in sample if not k.startswith("__"))
