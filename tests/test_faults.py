@@ -32,7 +32,8 @@ def teacher(tmp_path_factory):
 
 
 def _args(teacher, pool, out, *extra) -> list[str]:
-    return [f"teacher.weights={teacher}", f"score.shards=[{pool['folder']}]", f"out={out}", "score.batch_size=16",
+    # small batches: many of them per shard, so the kills land while shards are still to come on a fast machine
+    return [f"teacher.weights={teacher}", f"score.shards=[{pool['folder']}]", f"out={out}", "score.batch_size=8",
             "score.decode_batch_size=32", *extra]
 
 
