@@ -29,6 +29,7 @@ METRICS: dict[str, MetricDef] = {
     "odsd_score_images_damaged_total": MetricDef("counter", "Damaged pool entries quarantined, by reason", ("reason",)),
     "odsd_score_batch_latency_seconds": MetricDef("histogram", "Teacher forward latency per batch"),
     "odsd_score_shards_done_total": MetricDef("counter", "Pool shards fully scored and written"),
+    "odsd_score_duplicate_keys": MetricDef("gauge", "Pool entries whose key occurred earlier in the pool (quarantined)"),
     # sample
     "odsd_sample_rows_scanned_total": MetricDef("counter", "Score-table rows scanned by sampling"),
     "odsd_sample_selected_per_class": MetricDef("gauge", "Images selected per teacher class", ("cls",)),

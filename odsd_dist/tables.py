@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 META_KEY = b"odsd"
 
-QUARANTINE_REASONS = ("truncated", "empty", "not_image", "bomb", "no_image", "unsupported")
+QUARANTINE_REASONS = ("truncated", "empty", "not_image", "bomb", "no_image", "unsupported", "bad_key", "duplicate_key")
 
 
 def score_schema(feature_dim: int) -> pa.Schema:
@@ -136,7 +136,10 @@ def write_table(table: pa.Table, path: str | os.PathLike, meta: Optional[dict] =
         table = with_meta(table, meta)
     tmp = _tmp_path(path)
     try:
-        pq.write_table(table, tmp, **parquet_options(table.schema))
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, **parquet_options(table.schema))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a renamed, empty table
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -31,6 +31,8 @@ SHAPES = ["disc", "square", "triangle", "cross", "ring"]
 NOT_IMAGE = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
 DAMAGE_KINDS = ("truncated", "empty", "not_image", "bomb", "no_image")
 BOMB_SIDE = 50_000
+# The start of a Photoshop file (a recognised image format odsd-dist does not decode: `unsupported`).
+PSD_HEADER = b"8BPS\x00\x01" + bytes(6) + b"\x00\x03" + (32).to_bytes(4, "big") * 2 + b"\x00\x08\x00\x03" + bytes(64)
 
 
 def class_names(n_classes: int) -> list[str]:
@@ -90,7 +92,7 @@ def make_pool_shards(folder: str | Path, n_shards: int = 2, per_shard: int = 40,
     """Unlabelled pool shards 00000.tar... (+ .parquet sidecars) in `folder`; returns what they hold.
 
     Damage (when `damage`): 3 truncated (one jpg, png, webp), 1 empty, 1 not_image, 1 bomb,
-    1 no_image, and with `unsupported` one GIF saved as .png. 80% of intact images show one of
+    1 no_image, and with `unsupported` one Photoshop file saved as .png. 80% of intact images show one of
     `n_classes` shapes (`classes[key]`), 20% are clutter (class -1); ~10% grey, ~6% twice `size`.
 
     Returns {"folder", "paths", "n", "intact", "damaged": {reason: n}, "keys_by_reason": {reason: [keys]},
@@ -135,9 +137,7 @@ def make_pool_shards(folder: str | Path, n_shards: int = 2, per_shard: int = 40,
         elif kind == "bomb":
             fmt, data = "png", bomb_png()
         elif kind == "unsupported":
-            buf = io.BytesIO()
-            Image.fromarray(arr[:, :, 0] if grey else arr).save(buf, format="GIF")
-            fmt, data = "png", buf.getvalue()
+            fmt, data = "png", PSD_HEADER
         url = f"https://pool.example/{i:06d}.{fmt}"
         meta = {"key": key, "url": url, "status": "success", "width": side, "height": side,
                 "sha256": hashlib.sha256(data).hexdigest()}

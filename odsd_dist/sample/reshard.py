@@ -49,6 +49,7 @@ def _reshard_one(src: str, keys: list[str], rows: pa.Table, out: str) -> dict:
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
             found.append(key)
+            want.discard(key)  # a key repeated later in the tar: the first occurrence only (docs/POOL.md)
     os.replace(tmp, out_path)
     write_table(rows, out_path.with_suffix(".parquet"))
     return {"shard": out_path.name, "selected": len(keys), "written": len(found), "tar_errors": errors}

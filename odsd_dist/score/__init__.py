@@ -1,7 +1,8 @@
 """`odsd score`: stream pool shards through teacher-scoring actors on Ray Data (METHODS.md §1.1).
 
-read_webdataset (bytes only) -> decode/resize in CPU tasks -> teacher actor pool -> per-shard
-Parquet (scores + quarantine) written atomically with a ledger, so reruns skip finished shards.
+duplicate-key pass (score/dupes.py) -> pool reader (score/source.py: keys checked, image member
+picked, bytes only) -> decode/resize in CPU tasks -> teacher actor pool -> per-shard Parquet (scores +
+quarantine) written atomically with a ledger, so reruns skip finished shards.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def print_summary(s: dict) -> None:
              _summary_line("shards", f"{s['shards']} ({s['shards_scored_now']} scored now, {s['shards_skipped']} already done)"),
              _summary_line("score rows", f"{s['rows']:,}"),
              _summary_line("quarantined", f"{s['quarantined']:,} " + (str(s["reasons"]) if s["reasons"] else "")),
+             _summary_line("duplicate keys", f"{s['duplicate_keys']:,} entries (first occurrence kept)"),
              _summary_line("wall time", f"{s['seconds']:.1f} s"),
              _summary_line("images/s (this run)", f"{s['images_per_s']:.0f}")]
     print("\n".join(lines), file=sys.stderr)
@@ -89,26 +91,36 @@ def run_score(cfg: Config) -> dict:
         print(f"odsd score: {folder} is already complete for these inputs; nothing to do", file=sys.stderr)
         return {**rec["summary"], "shards_scored_now": 0, "shards_skipped": len(identities)}
     stage.start(cfg.to_dict())
+    from .dupes import shard_digest
     ledger = Ledger(folder / "ledger", fingerprint({"table": table_cfg, "teacher": teacher["sha256"], "seed": cfg.seed}))
+
+    t_dupes = time.perf_counter()
+    dupes = _duplicates(cfg, p, folder, identities)
+    t_dupes = time.perf_counter() - t_dupes
+    digests = {name: shard_digest(dupes.get(name)) for name in p["shards"]}
 
     def finished(name: str) -> bool:
         rec = ledger.get(name)
-        return bool(rec) and rec.get("input") == identities[name]
+        return bool(rec) and rec.get("input") == identities[name] and rec.get("dupes") == digests[name]
 
     todo = [name for name in p["shards"] if not finished(name)]
     for name in todo:  # never leave a stale table of an unfinished shard behind
         for sub in ("scores", "quarantine"):
             (folder / sub / f"{name}.parquet").unlink(missing_ok=True)
+    for sub in ("scores", "quarantine"):  # nor the temporary file of a write a kill -9 cut short
+        for tmp in (folder / sub).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     t0 = time.perf_counter()
     scored_rows, pipeline_seconds = 0, 0.0
     if todo:
-        scored_rows, pipeline_seconds = _score_shards(cfg, p, [p["shards"][n] for n in todo], folder, ledger, identities)
+        scored_rows, pipeline_seconds = _score_shards(cfg, p, [p["shards"][n] for n in todo], folder, ledger,
+                                                      identities, dupes, digests)
     seconds = time.perf_counter() - t0
     rows = quarantined = 0
     reasons: dict[str, int] = {}
     for name in p["shards"]:
         r = ledger.get(name)
-        if not r or r.get("input") != identities[name]:
+        if not r or r.get("input") != identities[name] or r.get("dupes") != digests[name]:
             raise RuntimeError(f"shard {name} did not finish; rerun `odsd score` to resume")
         rows += r["rows"]
         quarantined += r["quarantined"]
@@ -117,9 +129,11 @@ def run_score(cfg: Config) -> dict:
     summary = {
         "out": str(folder), "shards": len(p["shards"]), "shards_scored_now": len(todo),
         "shards_skipped": len(p["shards"]) - len(todo), "rows": rows, "quarantined": quarantined,
-        "reasons": dict(sorted(reasons.items())), "seconds": seconds,
+        "reasons": dict(sorted(reasons.items())), "duplicate_keys": sum(len(v) for v in dupes.values()),
+        "seconds": seconds,
         "images_per_s": scored_rows / seconds if seconds > 0 and scored_rows else 0.0,
         "pipeline_seconds": pipeline_seconds,  # without starting Ray
+        "duplicate_pass_seconds": t_dupes,  # with starting Ray, when the pass started it
         "teacher_sha256": teacher["sha256"], "feature_dim": p["out_dim"],
         "score_files": [f"scores/{n}.parquet" for n in p["shards"]],
         "quarantine_files": [f"quarantine/{n}.parquet" for n in p["shards"]],
@@ -129,7 +143,23 @@ def run_score(cfg: Config) -> dict:
     return summary
 
 
-def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: Ledger, identities: dict) -> tuple[int, float]:
+def _duplicates(cfg: Config, p: dict, folder: Path, identities: dict) -> dict[str, dict[int, str]]:
+    """{shard: {ordinal: detail}} of the pool's duplicate entries (first occurrence in pool order wins),
+    computed once per set of inputs by Ray tasks and kept in <score>/duplicates.parquet."""
+    from ..metrics import prom_metric
+    from ..raytools import init_ray
+    from .dupes import load_or_find, per_shard
+
+    init_ray(cfg.ray)
+    names = list(p["shards"])
+    table = load_or_find(folder / "duplicates.parquet", names, [p["shards"][n] for n in names], identities,
+                         cfg.score.decode_cpus)
+    prom_metric("odsd_score_duplicate_keys").set(table.num_rows)
+    return per_shard(table)
+
+
+def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: Ledger, identities: dict,
+                  dupes: dict, digests: dict) -> tuple[int, float]:
     """Run the Ray Data pipeline over `paths` and write each shard as it completes.
 
     Returns (entries read, seconds from the pipeline's start, i.e. without starting Ray)."""
@@ -139,8 +169,9 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
 
     from ..metrics import prom_metric, serve_metrics
     from ..raytools import init_ray
-    from .decode import WDS_SUFFIXES, decode_rows
+    from .decode import decode_rows
     from .scorer import TeacherScorer
+    from .source import make_datasource
     from .writer import ShardAssembler
 
     sc = cfg.score
@@ -148,12 +179,15 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
     size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
     init_ray(cfg.ray)
     serve_metrics(cfg.metrics.port)
+    from ..shards.tario import shard_name
+
+    dupe_refs = {s: ray.put(v) for s, v in dupes.items() if s in {shard_name(x) for x in paths}}
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard i is complete when shard i+1 starts
     ctx.max_errored_blocks = sc.max_errored_blocks
     ctx.target_max_block_size = int(sc.block_mb * 2**20)
-    ds = ray.data.read_webdataset(paths, decoder=None, suffixes=WDS_SUFFIXES, override_num_blocks=len(paths),
+    ds = ray.data.read_datasource(make_datasource(paths, dupe_refs), override_num_blocks=len(paths),
                                   num_cpus=sc.decode_cpus)
     ds = ds.map_batches(decode_rows, batch_format="pandas", batch_size=sc.decode_batch_size,
                         fn_kwargs={"size": size, "channels": channels, "max_pixels": sc.max_pixels},
@@ -182,7 +216,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         bar.set_postfix(rows=info["rows"], damaged=info["quarantined"])
         shards_done.inc()
 
-    asm = ShardAssembler(folder, ledger, p["out_dim"], table_meta, identities, on_done)
+    asm = ShardAssembler(folder, ledger, p["out_dim"], table_meta, identities, on_done, digests)
     n = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

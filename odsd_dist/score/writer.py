@@ -18,13 +18,14 @@ from ..tables import QUARANTINE_SCHEMA, Ledger, score_schema, write_table
 
 class ShardAssembler:
     def __init__(self, folder: Path, ledger: Ledger, feature_dim: int, meta: dict, identities: dict,
-                 on_shard_done: Optional[Callable[[str, dict], None]] = None):
+                 on_shard_done: Optional[Callable[[str, dict], None]] = None, dupe_digests: Optional[dict] = None):
         self.folder = folder
         self.ledger = ledger
         self.schema = score_schema(feature_dim)
         self.meta = meta
         self.identities = identities
         self.on_shard_done = on_shard_done
+        self.dupe_digests = dupe_digests or {}
         self.current: Optional[str] = None
         self.parts: list[pa.Table] = []
         self.t_start = time.perf_counter()
@@ -65,7 +66,7 @@ class ShardAssembler:
         for r in quarantine.column("reason").to_pylist():
             reasons[r] = reasons.get(r, 0) + 1
         info = {"rows": scores.num_rows, "quarantined": quarantine.num_rows, "reasons": reasons,
-                "input": self.identities.get(shard)}
+                "input": self.identities.get(shard), "dupes": self.dupe_digests.get(shard)}
         self.ledger.mark(shard, info)
         self.finished.append(shard)
         if self.on_shard_done:

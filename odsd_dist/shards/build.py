@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..tables import atomic_write_bytes, write_table
-from .decode import IMAGE_EXTS, Damaged, open_image
+from .decode import FORMAT_EXT, IMAGE_EXTS, Damaged, open_image
 
 MTIME = 1700000000  # fixed, so that tars are reproducible (as in ../shared/data/build.py)
 DEFAULT_SHARD_SIZE = 5000
@@ -170,7 +170,7 @@ def _encode_source(raw: bytes, ext: str, fmt: str) -> tuple[bytes, str, int, int
     im = open_image(raw, ext)
     w, h = im.size
     if fmt == "keep":
-        return raw, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[im.format], w, h
+        return raw, FORMAT_EXT[im.format], w, h
     grey = im.mode in _GREY_MODES
     arr = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
     return encode_image(arr, fmt), fmt, w, h

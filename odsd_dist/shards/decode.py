@@ -1,36 +1,69 @@
 """Safe image decoding: the one place in odsd-dist that turns member bytes into pixels.
 
-Every failure is a `Damaged` with a quarantine reason (METHODS.md §1.1): `empty`, `not_image`,
-`truncated`, `bomb`, `no_image`, `unsupported`. A decompression bomb is refused from its header
-(width x height against `max_pixels`) before any pixel is decoded; truncated files are never padded.
+Every failure is a `Damaged` with a quarantine reason (METHODS.md §1.1, docs/POOL.md): `empty`,
+`not_image`, `truncated`, `bomb`, `no_image`, `unsupported` (and, from the readers, `bad_key` and
+`duplicate_key`). The bytes decide the format (magic bytes; the member's extension is only a hint):
+JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page), ICO, PPM/PGM/PBM, QOI and JPEG 2000 are
+decoded; other recognised formats are `unsupported`. A decompression bomb is refused from its header
+(width x height against `max_pixels`, for every format) before any pixel is decoded; truncated files
+are never padded.
 """
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import (BmpImagePlugin, GifImagePlugin, IcoImagePlugin, Image, ImageFile, Jpeg2KImagePlugin,
+                 JpegImagePlugin, PngImagePlugin, PpmImagePlugin, TiffImagePlugin, WebPImagePlugin)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-REASONS = ("truncated", "empty", "not_image", "bomb", "no_image", "unsupported")
+from .keys import bad_key_detail, key_problem
+
+# Member extensions tried first as the image of a sample, in this order; any other member whose bytes
+# sniff as a decodable image is the image when none of these is present (pick_image).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "dib", "tif", "tiff", "ico", "ppm", "pgm", "pbm",
+              "pnm", "qoi", "jp2", "j2k", "jpx", "jfif", "img")
+# Members that are metadata, never an image, whatever their bytes (not sniffed).
+META_EXTS = ("json", "txt", "cls", "cls2", "caption", "url", "parquet", "npy")
+REASONS = ("truncated", "empty", "not_image", "bomb", "no_image", "unsupported", "bad_key", "duplicate_key")
 DEFAULT_MAX_PIXELS = 50_000_000
-
-# PIL formats we decode, and the magic bytes that identify them (sniffed before PIL sees the bytes).
-_ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
-_OTHER_IMAGE_MAGIC = (  # recognised image formats we refuse -> `unsupported`
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
-    (b"\xff\x4f\xff\x51", "JPEG2000"), (b"qoif", "QOI"), (b"\x76\x2f\x31\x01", "EXR"),
-)
 
 # Header parsers, called directly (not via Image.open) so that PIL's own process-wide bomb guard
 # (MAX_IMAGE_PIXELS: warns above ~89 MP, raises above ~179 MP) neither pre-empts nor overrides our
 # configured `max_pixels` check, and stays in force, untouched, for any other code in the process.
+# Only formats Pillow decodes itself, without an external program (EPS would run Ghostscript).
 _OPENERS = {"JPEG": JpegImagePlugin.JpegImageFile, "PNG": PngImagePlugin.PngImageFile,
-            "WEBP": WebPImagePlugin.WebPImageFile}
+            "WEBP": WebPImagePlugin.WebPImageFile, "GIF": GifImagePlugin.GifImageFile,
+            "BMP": BmpImagePlugin.BmpImageFile, "TIFF": TiffImagePlugin.TiffImageFile,
+            "ICO": IcoImagePlugin.IcoImageFile, "PPM": PpmImagePlugin.PpmImageFile,
+            "JPEG2000": Jpeg2KImagePlugin.Jpeg2KImageFile}
+try:  # Pillow >= 9.5
+    from PIL import QoiImagePlugin
+    _OPENERS["QOI"] = QoiImagePlugin.QoiImageFile
+except ImportError:  # pragma: no cover
+    pass
+_ALLOWED_FORMATS = tuple(_OPENERS)
+# The usual file extension of each decoded format (odsd shards build --format keep).
+FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
+              "ICO": "ico", "PPM": "ppm", "JPEG2000": "jp2", "QOI": "qoi"}
+_MAGIC = (  # (magic, format), checked in order after JPEG/PNG/WebP; CR2/PSD/EXR/EPS -> `unsupported`
+    (b"II*\x00\x10\x00\x00\x00CR", "CR2"),  # a camera raw is a TIFF too: checked before TIFF, not decoded
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"), (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"qoif", "QOI"),
+    (b"8BPS", "PSD"), (b"\x76\x2f\x31\x01", "EXR"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"),
+)
+_FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF"}
+# EXIF orientation -> the transpose that shows the image upright (what browsers do).
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 # Truncated data must raise, never be padded with grey (PIL's default; enforced again on every decode).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# PIL warns once per odd TIFF/EXIF block ("Corrupt EXIF data", "Tag data larger than file"): in a crawl that
+# is a log line per image; the entry itself still decodes or is quarantined with its reason.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class Damaged(Exception):
@@ -51,27 +84,38 @@ class Damaged(Exception):
 def pick_image(sample: dict) -> Optional[tuple[str, Optional[bytes]]]:
     """The (extension, bytes) of a WebDataset sample's image member, or None if it has none.
 
-    Keys are member suffixes ("jpg", "json", ...); extensions are matched case-insensitively in
-    IMAGE_EXTS order, so a sample with both .jpg and .png yields the jpg.
+    Keys are member suffixes ("jpg", "json", ...). A member with an IMAGE_EXTS extension wins, in
+    IMAGE_EXTS order (case-insensitive), so a sample with both .jpg and .png yields the jpg. Otherwise
+    the content decides: the first other member (sorted, META_EXTS left out) whose bytes sniff as an image.
     """
     lowered = {k.lower(): k for k in sample if isinstance(k, str) and not k.startswith("__")}
     for ext in IMAGE_EXTS:
         if ext in lowered:
             return ext, sample[lowered[ext]]
+    for ext in sorted(lowered):
+        if ext in META_EXTS:
+            continue
+        data = sample[lowered[ext]]
+        if isinstance(data, (bytes, bytearray)) and sniff_format(data) is not None:
+            return ext, data
     return None
 
 
 def sniff_format(data: bytes) -> Optional[str]:
-    """The image format named by the leading magic bytes: 'JPEG', 'PNG', 'WEBP', another format, or None."""
+    """The image format named by the leading magic bytes: one of _OPENERS, another image format, or None."""
     if data[:3] == b"\xff\xd8\xff":
         return "JPEG"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "PNG"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    for magic, name in _OTHER_IMAGE_MAGIC:
+    for magic, name in _MAGIC:
         if data.startswith(magic):
             return name
+    if data[:1] == b"P" and data[1:2] in b"123456" and data[2:3] in b" \t\r\n":
+        return "PPM"
+    if data[4:8] == b"ftyp" and data[8:12] in _FTYP_BRANDS:
+        return _FTYP_BRANDS[data[8:12]]
     return None
 
 
@@ -100,7 +144,7 @@ def _open_checked(data: bytes, ext: str, max_pixels: int) -> Image.Image:
         head = data[:16].decode("latin-1").encode("unicode_escape").decode()
         raise Damaged("not_image", f".{ext}: no known image signature (starts {head!r})")
     if fmt not in _ALLOWED_FORMATS:
-        raise Damaged("unsupported", f".{ext}: {fmt} is not one of {'/'.join(_ALLOWED_FORMATS)}")
+        raise Damaged("unsupported", f".{ext}: {fmt} is not decoded (decoded: {'/'.join(_ALLOWED_FORMATS)})")
     try:
         im = _OPENERS[fmt](io.BytesIO(data))  # reads the header only; pixels stay undecoded
     except Exception as e:  # signature says `fmt` but the header is cut or corrupt
@@ -130,7 +174,7 @@ def decode_image(data: Optional[bytes], ext: str, size: int, channels: int = 3,
         if fmt == "JPEG" and min(im.size) >= 2 * size:
             im.draft("RGB" if channels == 3 else "L", (size, size))  # DCT-domain downscale: faster
         im.load()  # force the full decode now: truncation raises here, never later
-        im = im.convert("RGB" if channels == 3 else "L")
+        im = to_mode(upright(im), "RGB" if channels == 3 else "L")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
@@ -141,6 +185,37 @@ def decode_image(data: Optional[bytes], ext: str, size: int, channels: int = 3,
     if channels == 1:
         arr = arr[:, :, None]
     return arr
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (a camera JPEG shot sideways shows upright)."""
+    try:
+        orientation = im.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block is ignored, as viewers do
+        return im
+    op = _EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return im.transpose(op) if op is not None else im
+
+
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """`im` as 8-bit RGB or L. 16/32-bit grey keeps its range (scaled, not clipped at 255); palette
+    images with transparency go through RGBA (PIL warns otherwise); alpha is dropped, as before."""
+    if im.mode == mode:
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im)
+        if im.mode == "F":
+            a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255)
+        else:
+            a = a.astype(np.int64).clip(0, 65535) >> 8  # 16-bit samples (PNG/TIFF) -> their top 8 bits
+        im = Image.fromarray(a.astype(np.uint8), "L")
+        return im if mode == "L" else im.convert(mode)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    try:
+        return im.convert(mode)
+    except ValueError as e:  # a mode PIL cannot convert (e.g. LAB): recognised, not decoded
+        raise Damaged("unsupported", f"{im.format or 'image'} mode {im.mode}: {e}") from None
 
 
 def decode_batch(items: Sequence[Optional[tuple[str, Optional[bytes]]]], size: int, channels: int = 3,
@@ -164,7 +239,12 @@ def decode_batch(items: Sequence[Optional[tuple[str, Optional[bytes]]]], size: i
 
 
 def decode_sample(sample: dict, size: int, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode the image member of a WebDataset sample dict; a sample without one is Damaged('no_image')."""
+    """Decode the image member of a WebDataset sample dict; a sample without one is Damaged('no_image'),
+    one whose key is not a plain name (shards/keys.py) Damaged('bad_key')."""
+    problem = key_problem(sample["__key__"]) if "__key__" in sample else None  # a plain dict has no key to check
+    if problem is not None:
+        members = [k for k in sample if not k.startswith("__")]
+        raise Damaged("bad_key", bad_key_detail(str(sample["__key__"]), members, problem))
     picked = pick_image(sample)
     if picked is None:
         exts = sorted(k for k in sample if not k.startswith("__"))

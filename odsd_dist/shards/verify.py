@@ -3,6 +3,9 @@
 Per shard and in total: samples, members by extension, damaged entries by quarantine reason (each
 image is fully decoded with `decode_image`, so the reasons are exactly those the scorer will give),
 intact count, whether the img2dataset Parquet sidecar is present and agrees, and tar read errors.
+Keys are checked (`bad_key`) and duplicates found across all the given shards with the rule and code
+of `odsd score` (shards/dupes.py: first occurrence in shard order wins, the rest `duplicate_key`), so
+the counts are those the scorer will give. The duplicate pass here runs in this process.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
 
+from . import dupes as D
 from .decode import DEFAULT_MAX_PIXELS, REASONS, Damaged, decode_sample
+from .keys import key_problem, safe_repr
 from .tario import expand_shards, iter_samples, shard_name, sidecar_path
 
 VERIFY_SIZE = 32  # decode size: small, because only decodability is checked
@@ -46,7 +51,7 @@ def verify_shard(path: str, size: int = VERIFY_SIZE, max_pixels: int = DEFAULT_M
     entries: list[dict] = []
     keys: list[str] = []
     intact = 0
-    for sample in iter_samples(path, errors=errors):
+    for ordinal, sample in enumerate(iter_samples(path, errors=errors)):
         key = sample["__key__"]
         keys.append(key)
         for ext in sample:
@@ -57,7 +62,8 @@ def verify_shard(path: str, size: int = VERIFY_SIZE, max_pixels: int = DEFAULT_M
             intact += 1
         except Damaged as d:
             damaged[d.reason] = damaged.get(d.reason, 0) + 1
-            entries.append({"key": key, "reason": d.reason, "detail": d.detail})
+            entries.append({"key": safe_repr(key) if d.reason == "bad_key" else key, "ordinal": ordinal,
+                            "reason": d.reason, "detail": d.detail})
     return {
         "path": str(path),
         "shard": shard_name(path),
@@ -67,9 +73,30 @@ def verify_shard(path: str, size: int = VERIFY_SIZE, max_pixels: int = DEFAULT_M
         "damaged": {r: damaged[r] for r in REASONS if r in damaged},
         "damaged_entries": entries,
         "sidecar": _check_sidecar(path, keys),
+        "valid_keys": [(i, k) for i, k in enumerate(keys) if key_problem(k) is None],
         "tar_error": errors[0] if errors else None,
         "seconds": round(time.time() - t0, 3),
     }
+
+
+def _apply_duplicates(reports: list[dict], dupes) -> None:
+    """Make every later occurrence of a key a `duplicate_key` entry (it replaces any other reason, as in
+    `odsd score`, where the reader marks it before any decoding)."""
+    by_shard = {r["shard"]: r for r in reports}
+    for row in dupes.to_pylist():
+        r = by_shard[row["shard"]]
+        entry = next((e for e in r["damaged_entries"] if e["ordinal"] == row["ordinal"]), None)
+        if entry is None:
+            r["intact"] -= 1
+            entry = {"key": row["key"], "ordinal": row["ordinal"]}
+            r["damaged_entries"].append(entry)
+        else:
+            r["damaged"][entry["reason"]] -= 1
+        entry.update(reason="duplicate_key", detail=D.detail(row))
+        r["damaged"]["duplicate_key"] = r["damaged"].get("duplicate_key", 0) + 1
+    for r in reports:
+        r["damaged_entries"].sort(key=lambda e: e["ordinal"])
+        r["damaged"] = {k: r["damaged"][k] for k in REASONS if r["damaged"].get(k)}
 
 
 def verify_shards(paths: Sequence[str] | str, size: int = VERIFY_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -85,8 +112,10 @@ def verify_shards(paths: Sequence[str] | str, size: int = VERIFY_SIZE, max_pixel
     for p in tqdm(tars, desc="verify", unit="shard", leave=False, 
                   disable=progress is False or (progress is None and len(tars) < 2)):
         reports.append(verify_shard(p, size, max_pixels))
+    dupes = D.find_duplicates_local([r.pop("valid_keys") for r in reports], [r["shard"] for r in reports])
+    _apply_duplicates(reports, dupes)
     total: dict = {"shards": len(reports), "samples": 0, "intact": 0, "members": {}, "damaged": {},
-                   "tar_errors": 0, "sidecars_missing": 0, "sidecars_disagree": 0}
+                   "tar_errors": 0, "sidecars_missing": 0, "sidecars_disagree": 0, "duplicate_keys": dupes.num_rows}
     for r in reports:
         total["samples"] += r["samples"]
         total["intact"] += r["intact"]
@@ -139,4 +168,5 @@ def print_report(report: dict, max_listed: int = 10) -> None:
             print(f"sidecar of {r['path']} disagrees: {side}")
     verdict = "OK" if t["ok"] else "PROBLEMS"
     print(f"\n{verdict}: {t['samples']:,} samples in {t['shards']} shards, {t['intact']:,} intact, "
+          f"{t['duplicate_keys']} duplicate keys, "
           f"{t['damaged_total']} damaged (quarantined by the scorer, not fatal)")
