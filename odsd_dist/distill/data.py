@@ -26,45 +26,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from ..shards.tario import shard_name
 from ..stage import fingerprint
 from ..tables import atomic_write_json
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DONE = "_done.json"
 ROWS_PER_FILE = 1024
 
 
-def _rename_image(fname: str) -> str:
-    """KEY.jpg|jpeg|png|webp -> KEY.img: one binary column whatever the format (decode sniffs the bytes)."""
-    base, dot, ext = fname.rpartition(".")
-    return f"{base}.img" if dot and ext.lower() in IMAGE_EXTS else fname
-
-
-def _shard_of(url: str) -> str:
-    name = os.path.basename(url)
-    return name[: -len(".tar")] if name.endswith(".tar") else name
-
-
-def _decode_rows(batch: pa.Table, *, lookup: Optional[dict], size: int, channels: int, max_pixels: int,
+def _decode_rows(batch, *, lookup: Optional[dict], size: int, channels: int, max_pixels: int,
                  k: int, with_labels: bool) -> pa.Table:
-    """map_batches UDF: keep the selected keys, decode + resize, attach idx/weight/targets/label."""
+    """map_batches UDF over the pool reader's rows (score/source.py: key, shard, ext, data, reason, label):
+    keep the selected keys, decode + resize, attach idx/weight/targets/label."""
     from ..shards.decode import Damaged, decode_image
-    from ..shards.labelled import sample_label
 
-    keys = batch.column("__key__").to_pylist()
-    urls = batch.column("__url__").to_pylist()
-    imgs = batch.column("img").to_pylist() if "img" in batch.column_names else [None] * len(keys)
-    jsons = batch.column("json").to_pylist() if "json" in batch.column_names else [None] * len(keys)
-    clss = batch.column("cls").to_pylist() if "cls" in batch.column_names else [None] * len(keys)
+    cols_in = {c: batch[c].tolist() for c in ("key", "shard", "ext", "data", "reason")}
+    labels_in = batch["label"].tolist() if "label" in batch else [-1] * len(cols_in["key"])
     out_img, idx, w, ti, tp, lab, okeys = [], [], [], [], [], [], []
-    for key, url, data, js, cl in zip(keys, urls, imgs, jsons, clss):
-        shard = _shard_of(url)
+    for key, shard, ext, data, reason, label in zip(*(cols_in[c] for c in ("key", "shard", "ext", "data", "reason")),
+                                                    labels_in):
+        if reason:
+            continue  # bad key, duplicate or no image: quarantined by `score`, never trained on
         if lookup is not None:
             row = lookup.get((shard, key))
             if row is None:
                 continue
         try:
-            arr = decode_image(data, "img", size, channels, max_pixels)
+            arr = decode_image(data, ext, size, channels, max_pixels)
         except Damaged:
             continue  # already quarantined by `score`; a damaged selected row is simply not trained on
         out_img.append(arr)
@@ -79,8 +67,7 @@ def _decode_rows(batch: pa.Table, *, lookup: Optional[dict], size: int, channels
         else:
             idx.append(zlib.crc32(f"{shard}/{key}".encode()))
             w.append(1.0)
-            label = sample_label({"json": js, "cls": cl})[0] if with_labels else None
-            lab.append(-1 if label is None else int(label))
+            lab.append(int(label) if with_labels else -1)
     n = len(out_img)
     images = np.stack(out_img) if n else np.zeros((0, size, size, channels), np.uint8)
     from ray.data.extensions import ArrowTensorArray
@@ -114,7 +101,7 @@ def _selection_lookup(selection: Path) -> tuple[dict, int, list[str]]:
 
 def resolve_pool_shards(wanted: list[str], pool_paths: list[str]) -> list[str]:
     """The tar of each wanted shard name; a missing one is a UserError naming it."""
-    by_name = {_shard_of(p): p for p in pool_paths}
+    by_name = {shard_name(p): p for p in pool_paths}
     missing = [s for s in wanted if s not in by_name]
     if missing:
         raise UserError(f"distill.pool_shards: the selection names shards not found there: {', '.join(missing[:5])}"
@@ -146,10 +133,14 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
     if selection is not None:
         lookup, k, _ = _selection_lookup(selection)
         n_expected = len(lookup)
-    ds = ray.data.read_webdataset(shard_paths, decoder=None, include_paths=False, num_cpus=data_cpus,
-                                  suffixes=["img", "json", "cls"], filerename=_rename_image)
+    from ..score.source import make_datasource
+
+    # the pool reader of `odsd score` (content picks the image member, keys checked, a key repeated in a
+    # tar does not fail it), with labels for labelled shards
+    ds = ray.data.read_datasource(make_datasource(shard_paths, {}, labels=with_labels),
+                                  override_num_blocks=len(shard_paths), num_cpus=data_cpus)
     lookup_ref = ray.put(lookup)
-    ds = ds.map_batches(_decode_batch_task, batch_format="pyarrow", batch_size=decode_batch_size, num_cpus=data_cpus,
+    ds = ds.map_batches(_decode_batch_task, batch_format="pandas", batch_size=decode_batch_size, num_cpus=data_cpus,
                         fn_kwargs=dict(lookup_ref=lookup_ref, size=size, channels=channels,
                                        max_pixels=max_pixels, k=k, with_labels=with_labels))
     tmp = folder.with_name(folder.name + ".tmp")
@@ -164,7 +155,7 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
     return rec
 
 
-def _decode_batch_task(batch: pa.Table, *, lookup_ref, **kw) -> pa.Table:
+def _decode_batch_task(batch, *, lookup_ref, **kw) -> pa.Table:
     import ray
 
     lookup = _LOOKUP_CACHE.get(lookup_ref.hex()) if lookup_ref is not None else None

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..shards.decode import pick_image
 from ..shards.keys import bad_key_detail, key_problem, safe_repr
+from ..shards.labelled import sample_label
 from ..shards.tario import iter_samples, shard_name
 
 COLUMNS = ("key", "shard", "ordinal", "url", "ext", "data", "reason", "detail")
@@ -32,12 +33,16 @@ def url_of(meta_bytes) -> str:
     return url if isinstance(url, str) else ""
 
 
-def entry_rows(samples, shard: str, dupes: Optional[dict] = None) -> Iterator[dict]:
-    """One row per sample (COLUMNS); `dupes` = {ordinal: detail} of this shard's duplicate entries."""
+def entry_rows(samples, shard: str, dupes: Optional[dict] = None, labels: bool = False) -> Iterator[dict]:
+    """One row per sample (COLUMNS, plus `label` when `labels`: the KEY.cls / KEY.json label, -1 if none);
+    `dupes` = {ordinal: detail} of this shard's duplicate entries."""
     for ordinal, sample in enumerate(samples):
         key = sample["__key__"]
         row = {"key": key, "shard": shard, "ordinal": ordinal, "url": url_of(sample.get("json")),
                "ext": "", "data": None, "reason": "", "detail": ""}
+        if labels:
+            label = sample_label(sample)[0]
+            row["label"] = -1 if label is None else int(label)
         problem = key_problem(key)
         if problem is not None:
             suffixes = [s for s in sample if not s.startswith("__")]
@@ -54,8 +59,9 @@ def entry_rows(samples, shard: str, dupes: Optional[dict] = None) -> Iterator[di
         yield row
 
 
-def make_datasource(paths: list[str], dupe_refs: dict):
-    """A FileBasedDatasource over `paths`; `dupe_refs` = {shard: ObjectRef of {ordinal: detail}}."""
+def make_datasource(paths: list[str], dupe_refs: dict, labels: bool = False):
+    """A FileBasedDatasource over `paths`; `dupe_refs` = {shard: ObjectRef of {ordinal: detail}}; `labels`
+    adds each entry's label (the distill feed of labelled shards)."""
     from ray.data.datasource import FileBasedDatasource
 
     class PoolDatasource(FileBasedDatasource):
@@ -64,6 +70,7 @@ def make_datasource(paths: list[str], dupe_refs: dict):
         def __init__(self, paths, dupe_refs):
             super().__init__(paths, file_extensions=["tar"])
             self.dupe_refs = dupe_refs
+            self.columns = list(COLUMNS) + (["label"] if labels else [])
 
         def _read_stream(self, f, path: str):
             import ray
@@ -74,12 +81,12 @@ def make_datasource(paths: list[str], dupe_refs: dict):
             chunk: list[dict] = []
             # A damaged tar raises ShardReadError after its complete entries: the read task fails and the
             # shard stays unfinished (as with Ray's own reader), never silently short.
-            for row in entry_rows(iter_samples(path, fileobj=f), shard, dupes):
+            for row in entry_rows(iter_samples(path, fileobj=f), shard, dupes, labels):
                 chunk.append(row)
                 if len(chunk) >= ROWS_PER_CHUNK:
-                    yield pd.DataFrame(chunk, columns=list(COLUMNS))
+                    yield pd.DataFrame(chunk, columns=self.columns)
                     chunk = []
             if chunk:
-                yield pd.DataFrame(chunk, columns=list(COLUMNS))
+                yield pd.DataFrame(chunk, columns=self.columns)
 
     return PoolDatasource(paths, dupe_refs)
