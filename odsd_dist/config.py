@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
+from .distill.config import DistillConfig
 from .errors import UserError
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .paths import expand_paths  # noqa: F401  (re-exported: stages import it from here)
+from .sample.config import SampleConfig
+from .section import Section
 
 
 class RayConfig(Section):
@@ -104,18 +104,6 @@ class MetricsConfig(Section):
     port: Optional[int] = Field(None, ge=0, le=65535)  # prometheus_client HTTP port in plain processes
 
 
-def _sample_config_cls():
-    from .sample.config import SampleConfig
-
-    return SampleConfig
-
-
-def _distill_config_cls():
-    from .distill.config import DistillConfig
-
-    return DistillConfig
-
-
 class Config(Section):
     seed: int = 0
     out: str = "runs/default"
@@ -123,23 +111,10 @@ class Config(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     teacher_train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
-    # validate_default: a config without the section still gets the section's defaults (not None)
-    sample: Any = Field(None, validate_default=True)
-    distill: Any = Field(None, validate_default=True)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-
-    @field_validator("sample", mode="before")
-    @classmethod
-    def _sample(cls, v):
-        klass = _sample_config_cls()
-        return v if isinstance(v, klass) else klass.model_validate(v or {})
-
-    @field_validator("distill", mode="before")
-    @classmethod
-    def _distill(cls, v):
-        klass = _distill_config_cls()
-        return v if isinstance(v, klass) else klass.model_validate(v or {})
 
     def stage_dir(self, stage: str) -> Path:
         """Output folder of a stage: its section's `out`, else <out>/<stage>."""
@@ -188,7 +163,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-before[_sample()]",))
+        loc = ".".join(str(p) for p in e["loc"])
         lines.append(f"config error: {loc or '<root>'}: {e['msg']}")
     return "\n".join(lines)
 
@@ -230,28 +205,3 @@ def save_config(cfg: Config, path: Path) -> None:
     from .tables import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-
-
-def expand_paths(patterns: list[str], key: str, suffix: str = ".tar") -> list[str]:
-    """Expand globs/dirs into a sorted list of files; a pattern that matches nothing is a UserError naming `key`."""
-    import glob
-
-    out: list[str] = []
-    for pat in patterns:
-        p = Path(pat)
-        if p.is_dir():
-            matches = sorted(str(x) for x in p.iterdir() if x.name.endswith(suffix))
-        else:
-            matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if p.is_file() else [])
-        if not matches:
-            raise UserError(f"{key}: no {suffix} files at {pat!r}")
-        out.extend(matches)
-    if not out:
-        raise UserError(f"{key}: no input paths given")
-    seen, unique = set(), []
-    for m in out:
-        a = os.path.abspath(m)
-        if a not in seen:
-            seen.add(a)
-            unique.append(a)
-    return unique

@@ -13,10 +13,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import Config, expand_paths
+from ..paths import expand_paths
 from ..errors import UserError
 from ..stage import StageOutput, file_identity
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["check_config", "run_distill"]
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from ..config import Section
+from ..section import Section
 from .methods import registry
 
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from ..config import Section
+from ..section import Section
 
 METHODS = ("aps", "random", "balanced-random", "maxprob", "entropy-high", "all")
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ...config import Section
+from ...section import Section
 from ...errors import UserError
 
 # What the data pipeline supplies in every batch (float tensors are normalised N x C x H x W):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from ...config import Section
+from ...section import Section
 from .base import Method, register, weighted_mean
 
 

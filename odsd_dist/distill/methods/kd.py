@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ...config import Section
+from ...section import Section
 from .base import Method, register
 from .losses import kd_loss
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...config import Section
+from ...section import Section
 from ...errors import UserError
 from .base import Method, register, teacher_outputs, weighted_mean
 from .losses import nt_xent

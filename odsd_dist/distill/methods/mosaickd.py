@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ...config import Section
+from ...section import Section
 from ._gan import PATCH_SIZES, Generator, PatchDiscriminator
 from .base import Method, register
 from .losses import kd_loss

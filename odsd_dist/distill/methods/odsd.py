@@ -11,7 +11,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ...config import Section
+from ...section import Section
 from ...errors import UserError
 from .base import Method, register
 from .losses import low_noise_targets, nt_xent, relation_loss, relation_weights, sparse_kd_loss
