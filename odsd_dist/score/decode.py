@@ -27,7 +27,7 @@ def _url_of(meta_bytes) -> str:
     return url if isinstance(url, str) else ""
 
 
-def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int) -> dict:
+def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int, reduced: bool = True) -> dict:
     """Decode one batch of webdataset rows into images plus identity and damage columns."""
     cols = {c: batch[c].tolist() for c in batch.columns}  # one conversion per column, not a lookup per cell
     n = len(cols["__key__"])
@@ -46,7 +46,7 @@ def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int) 
             reasons[i], details[i] = "no_image", "no image member (" + ",".join(IMAGE_EXTS) + ")"
             continue
         try:
-            images[i] = decode_image(bytes(data), ext, size, channels, max_pixels)
+            images[i] = decode_image(bytes(data), ext, size, channels, max_pixels, reduced)
         except Damaged as d:
             reasons[i], details[i] = d.reason, str(d.detail)[:500]
     return {
