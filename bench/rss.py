@@ -44,6 +44,7 @@ class TreeRSS:
         self.interval = interval
         self.peaks: dict[int, tuple[str, str, int]] = {}
         self.anon: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}  # last seen user+system CPU-seconds of each process
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -52,6 +53,8 @@ class TreeRSS:
             rss = p.memory_info().rss
             name = " ".join(p.cmdline())[:120]
             anon = _rss_anon(p.pid)
+            t = p.cpu_times()
+            self.cpu[p.pid] = t.user + t.system
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return
         old = self.peaks.get(p.pid)
@@ -94,3 +97,15 @@ def run_measured(cmd: list[str], env=None, cwd=None) -> tuple[int, float, dict, 
     out, _ = proc.communicate()
     wall = time.perf_counter() - t0
     return proc.returncode, wall, mon.stop(), out
+
+
+def run_measured_cpu(cmd: list[str], env=None, cwd=None) -> tuple[int, float, dict, str, float]:
+    """run_measured plus the CPU-seconds of the whole tree (each process as last polled: a process that
+    ends between two polls loses at most one interval of its CPU)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mon = TreeRSS(proc.pid, interval=0.2).start()
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    peaks = mon.stop()
+    return proc.returncode, wall, peaks, out, sum(mon.cpu.values())

@@ -2,6 +2,7 @@
 """Scoring benchmark: `odsd score` against a plain loop and the machine's limits, in one run.
 
     python bench/scoring.py --pool ../shared/data/openworld --teacher runs/cifar10/teacher.safetensors
+    python bench/scoring.py --pool ../shared/data/openworld --teacher ... --web runs/webpool   # bench/webscore.py
 
 Measures, on the same tars, teacher and batch size:
   1. decode-only images/s (the project's decoder, one process per core)   -- a machine limit
@@ -188,7 +189,21 @@ def main() -> None:
     ap.add_argument("--set", dest="extra", action="append", default=None,
                     help="extra --set for odsd score (default: score.actor_cpus=1.5, i.e. a 2-thread teacher "
                          "actor beside 0.5 CPU of decoding on the 2 CPUs the bench gives Ray)")
+    ap.add_argument("--web", default="", help="web mode: the folder bench/webpool.py wrote (pool/, cifar10_test/); "
+                    "measures it beside the first --web-small-shards shards of --pool (bench/webscore.py)")
+    ap.add_argument("--web-shards", type=int, default=0, help="web mode: only the first n web-size shards (0: all)")
+    ap.add_argument("--web-small-shards", type=int, default=8)
+    ap.add_argument("--web-decode-images", type=int, default=2000)
     args = ap.parse_args()
+    if args.web:
+        from webscore import run_web
+
+        doc = run_web(args, os.cpu_count() or 1)
+        path = Path(args.json if args.json != "bench/results/scoring.json" else "bench/results/scoring_web.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1, default=str))
+        print(f"wrote {path}")
+        return
     shards = sorted(glob.glob(os.path.join(args.pool, "*.tar")))
     if not shards:
         raise SystemExit(f"--pool: no .tar files in {args.pool}")

@@ -90,6 +90,9 @@ class ScoreConfig(Section):
     topk: Optional[int] = Field(None, ge=1)  # default min(C, 10)
     feature_dim: int = Field(256, ge=1)  # project features above this dimension
     max_pixels: int = Field(50_000_000, ge=1)  # header-declared pixels above this are a decompression bomb
+    # Decode a JPEG at the smallest 1/2, 1/4, 1/8 DCT scale still >= the teacher's input (then a filtered
+    # resize): a web-size JPEG costs a fraction of a full decode (docs/BENCHMARKS.md). false: always full size.
+    reduced_decode: bool = True
     max_errored_blocks: int = Field(0, ge=-1)
     out: Optional[str] = None
 

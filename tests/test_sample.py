@@ -228,6 +228,53 @@ def test_same_inputs_and_seed_give_byte_identical_selection(ray_local, tmp_path,
     assert k1 != k2
 
 
+def test_refine_rows_only_where_the_sample_share_is_short():
+    from odsd_dist.sample.aps import refine_rows
+
+    take = np.array([0, 5, 40, 0, 2])
+    need = refine_rows(take, quotas=np.array([3, 100, 100, 0, 100]), counts=np.array([30, 10**6, 10**6, 0, 1]), min_rows=32)
+    assert need.tolist() == [3, 32, 0, 0, 0]  # capped by quota; enough in the sample; empty class; all of a 1-row class taken
+    assert refine_rows(take, np.full(5, 100), np.full(5, 10**6), 0).tolist() == [0] * 5  # 0 turns it off
+
+
+@pytest.fixture(scope="module")
+def scores_c1000(tmp_path_factory):
+    """C = 1,000 classes, 30 rows each on average: with a 1,000-row stats sample each class has ~1 sample row
+    and a share of its quota (3) of ~0.1 rows, as with ImageNet's C over a 10^9-row pool."""
+    folder = tmp_path_factory.mktemp("scores1000") / "score"
+    make_score_tables(folder, rows=30_000, num_classes=1000, feature_dim=16, shards=2, seed=11, topk=3)
+    return folder
+
+
+def test_aps_c1000_second_round_moves_the_prototypes(ray_local, tmp_path, scores_c1000):
+    from odsd_dist.sample import run_sample
+
+    def run(out, batch_rows=8192, **aps):
+        cfg = build_config({"out": str(out), "seed": 5, "sample": {
+            "method": "aps", "n": 3000, "scores": str(scores_c1000), "batch_rows": batch_rows,
+            "aps": {"stats_sample_rows": 1000, **aps}}})
+        return run_sample(cfg), pq.read_table(out / "sample" / "selection.parquet")
+
+    s, sel = run(tmp_path / "a")
+    r1 = s["rounds"][0]
+    q = np.array(s["quotas"])
+    counts = np.array(s["candidates"])
+    assert [p["pass"] for p in s["passes"]] == ["stats", "refine1", "select"]
+    # every class took min(quota, count, 32) rows for its round-2 prototypes, and every one of them moved
+    assert r1["rows_per_class"] == np.minimum(q, counts).tolist()
+    assert r1["refined_classes"] == int((np.minimum(q, counts) > 0).sum()) > 900
+    assert r1["prototypes_moved"] == r1["refined_classes"]
+    # the old behaviour (sample rows only): nearly every class keeps its round-1 prototype
+    s0, sel0 = run(tmp_path / "off", min_rows_per_class=0)
+    assert s0["rounds"][0]["prototypes_moved"] < 50 and [p["pass"] for p in s0["passes"]] == ["stats", "select"]
+    assert not sel.equals(sel0)
+    # the refine pass is exact and block-independent: other block cuts give the same rows
+    _, sel_b = run(tmp_path / "b", batch_rows=3000)
+    assert sel.equals(sel_b)
+    meta = read_meta(tmp_path / "a" / "sample" / "selection.parquet")
+    assert meta["aps"]["rounds"][0]["rows_per_class"] == r1["rows_per_class"]
+
+
 # ------------------------------------------------------------------------------- bad inputs: exit 2
 
 

@@ -152,7 +152,7 @@ def run_distill(cfg: Config) -> dict:
     data = materialise(folder / "train_data", selection=plan["selection"], shard_paths=plan["shard_paths"],
                        size=size, channels=chans, max_pixels=cfg.score.max_pixels,
                        decode_batch_size=d.decode_batch_size, data_cpus=d.data_cpus,
-                       with_labels=plan["method"].needs_labels)
+                       with_labels=plan["method"].needs_labels, reduced=cfg.score.reduced_decode)
     train_dir = folder / "train_data"
     if d.teacher_outputs == "cached":
         from .teacher_cache import build_teacher_cache, cache_folder, data_digest

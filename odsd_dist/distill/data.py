@@ -35,7 +35,7 @@ ROWS_PER_FILE = 1024
 
 
 def _decode_rows(batch, *, lookup: Optional[dict], size: int, channels: int, max_pixels: int,
-                 k: int, with_labels: bool) -> pa.Table:
+                 k: int, with_labels: bool, reduced: bool = True) -> pa.Table:
     """map_batches UDF over the pool reader's rows (score/source.py: key, shard, ext, data, reason, label):
     keep the selected keys, decode + resize, attach idx/weight/targets/label."""
     from ..shards.decode import Damaged, decode_image
@@ -52,7 +52,7 @@ def _decode_rows(batch, *, lookup: Optional[dict], size: int, channels: int, max
             if row is None:
                 continue
         try:
-            arr = decode_image(data, ext, size, channels, max_pixels)
+            arr = decode_image(data, ext, size, channels, max_pixels, reduced)
         except Damaged:
             continue  # already quarantined by `score`; a damaged selected row is simply not trained on
         out_img.append(arr)
@@ -118,12 +118,13 @@ def data_done(folder: Path, fp: str) -> Optional[dict]:
 
 
 def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[str], size: int, channels: int,
-                max_pixels: int, decode_batch_size: int, data_cpus: float, with_labels: bool) -> dict:
+                max_pixels: int, decode_batch_size: int, data_cpus: float, with_labels: bool,
+                reduced: bool = True) -> dict:
     """Build `folder` (train_data/) once; returns its record {rows, k, has_targets, fingerprint}."""
     import ray
 
     inputs = {"selection": None if selection is None else _identity(selection),
-              "shards": [_identity(p) for p in shard_paths], "size": size, "channels": channels}
+              "shards": [_identity(p) for p in shard_paths], "size": size, "channels": channels, "reduced": reduced}
     fp = fingerprint(inputs)
     rec = data_done(folder, fp)
     if rec is not None:
@@ -142,7 +143,7 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
     lookup_ref = ray.put(lookup)
     ds = ds.map_batches(_decode_batch_task, batch_format="pandas", batch_size=decode_batch_size, num_cpus=data_cpus,
                         fn_kwargs=dict(lookup_ref=lookup_ref, size=size, channels=channels,
-                                       max_pixels=max_pixels, k=k, with_labels=with_labels))
+                                       max_pixels=max_pixels, k=k, with_labels=with_labels, reduced=reduced))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)

@@ -104,6 +104,11 @@ def _print_summary(s: dict, names: list[str]) -> None:
         q = "" if quotas[i] is None else f"{quotas[i]:,}"
         c = "" if cands[i] is None else f"{cands[i]:,}"
         print(f"  {name[:15]:<16}{s['per_class'][i]:>10,}{q:>10}{c:>12}")
+    for r in s.get("rounds") or []:
+        if "rows_per_class" in r:  # the rows each class's next prototypes came from
+            used = r["rows_per_class"]
+            print(f"  round {r['round']}: next prototypes from {min(used):,}-{max(used):,} rows per class "
+                  f"({r['refined_classes']:,} classes from a refine pass); {r['prototypes_moved']:,} moved")
     print(f"  rows scanned {s['rows_scanned']:,} in {len(s['passes'])} passes; {s['seconds']:.2f} s; "
           f"{s['rows_per_second']:,} pool rows/s")
     print(f"  wrote {s['selection']}" + (f"; resharded into {s['reshard']['folder']}" if s.get("reshard") else ""))

@@ -1,6 +1,6 @@
 """Adaptive Prototype Sampling (METHODS.md §1.2) as two Ray Data passes with mergeable partials.
 
-Pass plan (memory O(C*d + N + S*d) on the driver, never O(pool)):
+Pass plan (memory O(C*d + N + S*d + C*min_rows_per_class*d) on the driver, never O(pool)):
   stats   per class counts, sum w*f (round-1 prototypes), sum f (pool mean feature), the sums of maxprob
           and -energy (exact fixed-point int64 partials), and a fixed sample of ~S rows
           (`stats_sample_rows`, picked by a hash of each row's feature bits, so the same rows whatever
@@ -9,6 +9,10 @@ Pass plan (memory O(C*d + N + S*d) on the driver, never O(pool)):
           prototypes, each class's top share of the sample (its quota / its pool count) and, from those
           rows, the next round's prototypes (or k-means modes). With |pool| <= S this is the exact
           per-class top-quota of the pool; above, a uniform sample of it.
+  refine  (only when a class's top share of the sample is under aps.min_rows_per_class rows, e.g. C = 1,000
+          over 10^9 rows) one pass per adaptive round: the class's best min(quota, min_rows_per_class)
+          rows of the whole pool under that round's scores (a per-class top-k like select, with features),
+          from which its next prototypes come. Memory O(C * min_rows_per_class * d).
   select  one pass: score every row with the last round's prototypes, drop rows below a per-class
           floor set from the sample (a margin below the estimated threshold, so ~1.1 N rows reach the
           driver instead of the pool), keep each block's per-class top-quota; the driver merges
@@ -24,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .blocks import (PassTimer, col_np, count_scanned, f64_chunks, features_f16, from_fixed, qsum, quantise,
-                     row_hash, run_pass)
+from .blocks import (PassTimer, col_np, count_scanned, f64_chunks, features_f16, features_np, from_fixed, qsum,
+                     quantise, row_hash, run_pass)
 from .config import APSConfig
 from .quota import class_quotas
 from .topk import CLS, RANK, SELECTION_ORDER, TopKMerger, per_class_topq, with_rank
@@ -338,9 +342,25 @@ def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int,
         info["rounds"].append({"round": t, "z": {k: round(float(v), 6) for k, v in z.items()},
                                "prototypes": int(protos.shape[1])})
         if t < cfg.rounds:  # the next prototypes, from each class's top share of the sample
-            top = np.concatenate([idx[: int(round(share[k]))] for k, idx in enumerate(order)]) if order else np.zeros(0, int)
+            take = np.array([int(round(share[k])) for k in range(c)], np.int64)
+            need = refine_rows(take, quotas, stats.counts, cfg.min_rows_per_class)
+            take[need > 0] = 0  # those classes take their rows from the refine pass instead
+            top = np.concatenate([idx[: take[k]] for k, idx in enumerate(order)]) if order else np.zeros(0, int)
             top = np.sort(top)  # canonical order
-            protos = next_prototypes(stats.sample_pred[top], stats.sample_f[top], w[top], protos, cfg, seed, mean)
+            pred_t, f_t, w_t = stats.sample_pred[top], stats.sample_f[top], w[top]
+            if need.any():
+                got = _refine(files, rows, d, protos, z, need, order, score, stats, batch_rows, timer, f"refine{t}")
+                pred_t = np.concatenate([pred_t, col_np(got, "pred", np.int64)])
+                f_t = np.concatenate([f_t, features_np(got, d)])
+                gw = col_np(got, "maxprob", np.float64) if cfg.prototype_weight == "maxprob" else np.ones(got.num_rows)
+                w_t = np.concatenate([w_t, gw])
+            new = next_prototypes(pred_t, f_t, w_t, protos, cfg, seed, mean)
+            used = np.bincount(pred_t, minlength=c)[:c]
+            old = protos if protos.shape == new.shape else np.repeat(protos[:, :1], new.shape[1], axis=1)
+            moved = int(np.any(new != old, axis=(1, 2)).sum())
+            info["rounds"][-1].update(rows_per_class=used.tolist(), refined_classes=int((need > 0).sum()),
+                                      prototypes_moved=moved)
+            protos = new
     floors = select_floors(order, score, share, quotas, stats.counts)
     cols = sorted(set(FINAL_PAYLOAD) | {"pred", "maxprob", "energy", "feature"})
     cand, peak = _select(files, rows, cols, d, protos, z, quotas, floors, batch_rows, timer, "select")
@@ -354,10 +374,40 @@ def run_aps(files, rows: int, c: int, d: int, n: int, cfg: APSConfig, seed: int,
     return cand, info
 
 
-def _select(files, rows, cols, d, protos, z, quotas, floors, batch_rows, timer, name) -> tuple[pa.Table, int]:
+def _select(files, rows, cols, d, protos, z, quotas, floors, batch_rows, timer, name,
+            payload=FINAL_PAYLOAD) -> tuple[pa.Table, int]:
     merger = TopKMerger(quotas, slack=0.25)
-    kwargs = dict(d=d, protos=protos, z=z, quotas=quotas, floors=floors, payload=FINAL_PAYLOAD)
+    kwargs = dict(d=d, protos=protos, z=z, quotas=quotas, floors=floors, payload=payload)
     timer.run(name, rows, run_pass(files, cols, select_block, kwargs, batch_rows), merger.add)
     score_schema = pq.read_schema(files[0])  # for an empty result (blocks with no rows left are not yielded)
-    schema = pa.schema([score_schema.field(k) for k in FINAL_PAYLOAD] + [pa.field(CLS, pa.int32()), pa.field(RANK, pa.float64())])
+    schema = pa.schema([score_schema.field(k) for k in payload] + [pa.field(CLS, pa.int32()), pa.field(RANK, pa.float64())])
     return merger.result(schema, SELECTION_ORDER), merger.peak_rows
+
+
+def refine_rows(take: np.ndarray, quotas: np.ndarray, counts: np.ndarray, min_rows: int) -> np.ndarray:
+    """Per class, the rows the refine pass must find (0: the sample's top share is enough).
+
+    A class needs min(quota, count, min_rows) rows; it goes to the pass when its share of the sample is smaller."""
+    want = np.minimum(np.minimum(quotas, counts), min_rows).astype(np.int64)
+    return np.where(take < want, want, 0)
+
+
+REFINE_PAYLOAD = ["key", "pred", "maxprob", "feature"]
+
+
+def _refine(files, rows, d, protos, z, need, order, score, stats: PoolStats, batch_rows, timer, name) -> pa.Table:
+    """The best need_k rows of each class in the pool under this round's scores (exact, as select).
+
+    Floors come from the sample as for select (classes not asking: +inf, so their rows never leave the block);
+    a floor that cut into the top need_k reruns the pass without floors."""
+    c = len(need)
+    share = need * np.bincount(stats.sample_pred, minlength=c)[:c] / np.maximum(stats.counts, 1)
+    floors = select_floors(order, score, share, need, stats.counts)
+    floors[need == 0] = np.inf
+    cols = sorted(set(REFINE_PAYLOAD) | {"energy"})
+    got, _ = _select(files, rows, cols, d, protos, z, need, floors, batch_rows, timer, name, REFINE_PAYLOAD)
+    have = np.bincount(got.column(CLS).to_numpy(), minlength=c)[:c] if got.num_rows else np.zeros(c, np.int64)
+    if np.any(have < need):
+        floors = np.where(need > 0, -np.inf, np.inf).astype(np.float32)
+        got, _ = _select(files, rows, cols, d, protos, z, need, floors, batch_rows, timer, name + "_again", REFINE_PAYLOAD)
+    return got

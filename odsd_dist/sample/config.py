@@ -37,6 +37,11 @@ class APSConfig(Section):
     # class's top share and the next prototypes; and the select pass's per-class score floors come from it.
     # Driver memory ~ rows x feature_dim x 4 bytes (200k x 64: 51 MB). See aps.py.
     stats_sample_rows: int = Field(200_000, ge=1000)
+    # Rows each class's next prototypes come from in every adaptive round, at least (capped by its quota and
+    # its pool count). A class whose top share of the sample is smaller (C = 1,000 over a 10^9-row pool: under
+    # one row) takes its best rows of the whole pool instead, from one extra select-like pass per round.
+    # 0: the sample's rows only. Driver memory ~ C x this x feature_dim x 2 bytes.
+    min_rows_per_class: int = Field(32, ge=0)
     # Sample weight of a selected row: 1 (False) or sigmoid(score) rescaled to mean 1 over the selection.
     weight_by_score: bool = False
 

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..stage import StageOutput, file_identity, fingerprint, sha256_file
 from ..tables import Ledger
 
-TABLE_KEYS = ("topk", "feature_dim", "max_pixels", "dtype")  # config keys that change table contents
+TABLE_KEYS = ("topk", "feature_dim", "max_pixels", "dtype", "reduced_decode")  # config keys that change table contents
 
 
 def _teacher_info(weights: str) -> dict:
@@ -190,7 +190,8 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
     ds = ray.data.read_datasource(make_datasource(paths, dupe_refs), override_num_blocks=len(paths),
                                   num_cpus=sc.decode_cpus)
     ds = ds.map_batches(decode_rows, batch_format="pandas", batch_size=sc.decode_batch_size,
-                        fn_kwargs={"size": size, "channels": channels, "max_pixels": sc.max_pixels},
+                        fn_kwargs={"size": size, "channels": channels, "max_pixels": sc.max_pixels,
+                                   "reduced": sc.reduced_decode},
                         num_cpus=sc.decode_cpus)
     ds = ds.map_batches(
         TeacherScorer, batch_format="numpy", batch_size=sc.batch_size, compute=ray.data.ActorPoolStrategy(size=sc.actors),

@@ -12,7 +12,7 @@ import pandas as pd
 from ..shards.decode import Damaged, decode_image
 
 
-def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int) -> dict:
+def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int, reduced: bool = True) -> dict:
     """Decode one batch of entry rows into images plus identity and damage columns."""
     cols = {c: batch[c].tolist() for c in batch.columns}  # one conversion per column, not a lookup per cell
     n = len(cols["key"])
@@ -22,7 +22,7 @@ def decode_rows(batch: pd.DataFrame, size: int, channels: int, max_pixels: int) 
         if reasons[i]:
             continue
         try:
-            images[i] = decode_image(cols["data"][i], cols["ext"][i], size, channels, max_pixels)
+            images[i] = decode_image(cols["data"][i], cols["ext"][i], size, channels, max_pixels, reduced)
         except Damaged as d:
             reasons[i], details[i] = d.reason, str(d.detail)[:500]
     return {

@@ -157,8 +157,20 @@ def _open_checked(data: bytes, ext: str, max_pixels: int) -> Image.Image:
     return im
 
 
+def load_for_size(im: Image.Image, size: int, channels: int, reduced: bool = True) -> Image.Image:
+    """Decode an opened image for a size x size input: pixels loaded (truncation raises here, never later).
+
+    reduced: a JPEG at least 2x size on both sides is decoded at the smallest DCT scale (1/2, 1/4, 1/8; libjpeg's
+    scaled IDCT, via Image.draft) that still leaves both sides >= size, so only a < 2x resize is left to do.
+    Orientation and mode are the caller's (upright, to_mode)."""
+    if reduced and im.format == "JPEG" and min(im.size) >= 2 * size:
+        im.draft("RGB" if channels == 3 else "L", (size, size))
+    im.load()
+    return im
+
+
 def decode_image(data: Optional[bytes], ext: str, size: int, channels: int = 3,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, reduced: bool = True) -> np.ndarray:
     """Decode one image member to a uint8 array of shape (size, size, channels); raises Damaged.
 
     Grey images become RGB (channels=3) and colour images L (channels=1). Resizing is PIL bilinear,
@@ -171,9 +183,7 @@ def decode_image(data: Optional[bytes], ext: str, size: int, channels: int = 3,
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped the process-wide switch: never pad
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        if fmt == "JPEG" and min(im.size) >= 2 * size:
-            im.draft("RGB" if channels == 3 else "L", (size, size))  # DCT-domain downscale: faster
-        im.load()  # force the full decode now: truncation raises here, never later
+        im = load_for_size(im, size, channels, reduced)
         im = to_mode(upright(im), "RGB" if channels == 3 else "L")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
