@@ -15,6 +15,7 @@ import io
 import json
 import math
 import struct
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -195,3 +196,14 @@ def make_teacher(path: str | Path, arch: str = "resnet8", class_names: Optional[
             "mean": [0.5] * channels, "std": [0.25] * channels, "class_names": names}
     save_model(model, path, meta)
     return str(path)
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 0.05):
+    """pred()'s first truthy value, polled every `every` s; AssertionError naming `what` after `timeout` s."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

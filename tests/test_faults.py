@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from fixtures import make_pool_shards, make_teacher
+from fixtures import make_pool_shards, make_teacher, wait_for
 from odsd_dist.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,16 +59,6 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _wait_for(pred, timeout: float, what: str):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _ledger(out: Path) -> int:
     return len(list((Path(out) / "score" / "ledger").glob("*.json")))
 
@@ -97,9 +86,9 @@ def _reap(procs: list) -> None:
 def test_kill_decode_worker_and_actor_mid_shard(pool, teacher, reference, tmp_path):
     p = _cli(_args(teacher, pool, tmp_path))
     try:
-        decoder = _wait_for(lambda: _find(p, "ReadPool"), 120, "a decode worker")
+        decoder = wait_for(lambda: _find(p, "ReadPool"), 120, "a decode worker")
         os.kill(decoder.pid, signal.SIGKILL)
-        actor = _wait_for(lambda: _find(p, "TeacherScorer") if _ledger(tmp_path) else None, 180,
+        actor = wait_for(lambda: _find(p, "TeacherScorer") if _ledger(tmp_path) else None, 180,
                           "a scoring actor after the first shard")
         assert _ledger(tmp_path) < N_SHARDS, "the run finished before the actor was killed"
         os.kill(actor.pid, signal.SIGKILL)
@@ -112,7 +101,7 @@ def test_kill_decode_worker_and_actor_mid_shard(pool, teacher, reference, tmp_pa
 
 def test_kill_driver_then_rerun(pool, teacher, reference, tmp_path):
     p = _cli(_args(teacher, pool, tmp_path))
-    _wait_for(lambda: _ledger(tmp_path) >= 2, 180, "two finished shards")
+    wait_for(lambda: _ledger(tmp_path) >= 2, 180, "two finished shards")
     children = psutil.Process(p.pid).children(recursive=True)
     os.kill(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
@@ -212,7 +201,7 @@ def test_kill_sample_driver_then_rerun(tmp_path, ray_local):
                 return proc
         return None
 
-    _wait_for(busy_task, 180, "a running sample task")
+    wait_for(busy_task, 180, "a running sample task")
     children = psutil.Process(p.pid).children(recursive=True)
     os.kill(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)

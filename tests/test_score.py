@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fixtures import make_pool_shards, make_teacher
+from fixtures import make_pool_shards, make_teacher, wait_for
 from odsd_dist.config import load_config
 from odsd_dist.tables import read_meta
 
@@ -94,16 +93,6 @@ def test_bad_config_exits_2_before_ray(pool_shards, teacher, tmp_path):
         assert not (tmp_path / "out" / "score" / "done.json").exists()
 
 
-def _wait_for(pred, timeout, what):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _ledger(out: Path) -> list[str]:
     return sorted(glob.glob(str(out / "score" / "ledger" / "*.json")))
 
@@ -113,7 +102,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted(big_pool, teacher, tmp_path, ra
 
     interrupted = tmp_path / "interrupted"
     p = _cli(*_score_args(teacher, big_pool["folder"], interrupted, "--set", "score.batch_size=4"))
-    _wait_for(lambda: _ledger(interrupted), 240, "the first finished shard")
+    wait_for(lambda: _ledger(interrupted), 240, "the first finished shard")
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0, "the run was expected to be interrupted"
