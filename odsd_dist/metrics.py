@@ -38,7 +38,7 @@ METRICS: dict[str, MetricDef] = {
     "odsd_distill_step_seconds": MetricDef("histogram", "Optimizer step wall time"),
     "odsd_distill_samples_per_second": MetricDef("gauge", "Training throughput per worker", ("rank",)),
     "odsd_distill_loss": MetricDef("gauge", "Loss terms of the last step", ("term",)),
-    "odsd_distill_stat": MetricDef("gauge", "Method statistics that are not losses (e.g. kd3's kept fraction)", ("term",)),
+    "odsd_distill_stat": MetricDef("gauge", "Training statistics that are not losses: the learning rate, kd3's kept fraction", ("term",)),
     "odsd_eval_top1_ratio": MetricDef("gauge", "Student top-1 accuracy on the evaluation shards", ("which",)),
 }
 

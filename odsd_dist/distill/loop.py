@@ -217,6 +217,7 @@ def train_loop(spec: dict) -> None:
                 sps = n_log / max(now - t_log, 1e-9)
                 terms_mean = _mean_terms(sums, counts, device)
                 m_sps.set(sps, tags={"rank": str(rank)})
+                m_stat.set(engine.get_lr()[0], tags={"term": "lr"})
                 for k, v in terms_mean.items():
                     (m_stat if k in method.stats else m_loss).set(v, tags={"term": k})
                 entry = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0], "loss": terms_mean,
