@@ -112,7 +112,7 @@ def markdown(doc: dict) -> str:
     for r in doc["rows"]:
         ips, wall = r["images_per_s"]["mean"], r["wall_s"]["mean"]
         chosen = " ".join(f"`{c}`" for c in r["chosen"]) or "–"
-        if r["tuning"].get("shared_from"):
+        if r["tuning"].get("shared_from") and r["chosen"]:
             chosen += f" (from {r['tuning']['shared_from']})"
         lines.append(f"| {r['label']} | {r['train_images'] if r['train_images'] is not None else '–'} | "
                      f"{_pct(r['test_last'])} | {_pct(r['test_at_best_val'])} | {_pct(r['val_best'])} | "
