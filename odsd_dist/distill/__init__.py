@@ -163,10 +163,8 @@ def run_distill(cfg: Config) -> dict:
             teacher_sha256=plan["teacher_sha256"], views=c.views, topk=c.topk, feature_dim=c.feature_dim, seed=c.seed,
             pad=d.augment.weak_pad, flip=d.augment.flip, size=size)
         cache = build_teacher_cache(cache_dir, train_dir, cache_inputs, weights=str(Path(cfg.teacher.weights).resolve()),
-                                    views=c.views, topk=c.topk, feature_dim=c.feature_dim, seed=c.seed,
-                                    pad=d.augment.weak_pad, flip=d.augment.flip, batch_size=c.batch_size,
-                                    actor_cpus=c.actor_cpus, threads=c.threads or max(1, int(-(-c.actor_cpus // 1))),
-                                    device=d.device)
+                                    batch_size=c.batch_size, actor_cpus=c.actor_cpus,
+                                    threads=c.threads or max(1, int(-(-c.actor_cpus // 1))), device=d.device)
         print(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
               f"({cache['seconds']:.0f} s)", file=sys.stderr)
         train_dir = cache_dir

@@ -3,8 +3,9 @@ per-epoch evaluation and the final consolidated student.
 
 Nothing here is method-specific: each step is the method's `train_step` (methods/base.py), which takes
 its own optimizer steps through a StepContext (step.py) and returns named terms; every term is logged.
-The method's aux modules (and their optimizers) are checkpointed beside the DeepSpeed files. All ranks call `ray.train.report` the same number of times
-(each report carries a DeepSpeed checkpoint saved by every rank into its own folder; Ray merges them).
+The method's aux modules (and their optimizers) are checkpointed beside the DeepSpeed files. All ranks
+call `ray.train.report` the same number of times (each report carries a DeepSpeed checkpoint saved by
+every rank into its own folder; Ray merges them).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from .augment import normalise, weak_from_params, weak_params
 from .data import DONE, data_done
 
 FILES_PER_CHUNK = 8
+CACHER_KEYS = ("views", "topk", "feature_dim", "seed", "pad", "flip")  # cache_folder inputs TeacherCacher takes
 
 
 def view_params(idx: np.ndarray, seed: int, views: int, pad: int, flip: bool) -> np.ndarray:
@@ -114,10 +115,12 @@ def cache_folder(root: Path, *, data: str, teacher_sha256: str, views: int, topk
     return Path(root) / fingerprint(inputs)[:16], inputs
 
 
-def build_teacher_cache(folder: Path, train_dir: Path, inputs: dict, *, weights: str, views: int,
-                        topk: int, feature_dim: int, seed: int, pad: int, flip: bool, batch_size: int,
+def build_teacher_cache(folder: Path, train_dir: Path, inputs: dict, *, weights: str, batch_size: int,
                         actor_cpus: float, threads: int, device: str = "cpu", progress: bool = True) -> dict:
     """Build `folder` (cache_folder) from the materialised `train_dir`, resumable by chunk; returns its record.
+
+    The views, top-k, feature width, seed and weak-view settings are the ones `inputs` (cache_folder) names
+    the folder by, so a cache's content always matches its name.
 
     One build at a time per folder: runs that share a cache run one after another (the benchmark does)."""
     import ray
@@ -146,8 +149,8 @@ def build_teacher_cache(folder: Path, train_dir: Path, inputs: dict, *, weights:
         ds = ds.map_batches(TeacherCacher, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=actor_cpus,
                             num_gpus=1 if device == "cuda" else 0,
-                            fn_constructor_kwargs=dict(weights=weights, views=views, topk=topk, feature_dim=feature_dim,
-                                                       seed=seed, pad=pad, flip=flip, threads=threads, device=device))
+                            fn_constructor_kwargs=dict(weights=weights, threads=threads, device=device,
+                                                       **{k: inputs[k] for k in CACHER_KEYS}))
         tmp = folder / f".chunk-{c:05d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         ds.write_parquet(str(tmp))
@@ -158,7 +161,7 @@ def build_teacher_cache(folder: Path, train_dir: Path, inputs: dict, *, weights:
         bar.update(1)
     bar.close()
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("chunk-*.parquet"))
-    rec = {"fingerprint": fp, "rows": rows, "views": views, "topk": topk, "feature_dim": feature_dim,
+    rec = {"fingerprint": fp, "rows": rows, **{k: inputs[k] for k in ("views", "topk", "feature_dim")},
            "seconds": round(time.perf_counter() - t0, 2), "inputs": inputs}
     atomic_write_json(folder / DONE, rec)
     return rec
