@@ -34,7 +34,9 @@ class AugmentConfig(Section):
     saturation: float = Field(0.4, ge=0)
     jitter_prob: float = Field(0.8, ge=0, le=1)
     weak_pad: int = Field(4, ge=0)  # the weak view (teacher; `kd`/`ce` student): flip + pad-crop
-    shuffle_buffer: int = Field(1024, ge=0)  # local shuffle buffer rows per worker (0: off)
+    # rows are shuffled within windows of whole train_data row groups of >= this many rows (0: row groups
+    # in a seeded order, rows in file order); one data task holds a window (distill/data.epoch_order)
+    shuffle_buffer: int = Field(1024, ge=0)
 
 
 class DistillConfig(Section):

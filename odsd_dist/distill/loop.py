@@ -181,11 +181,10 @@ def train_loop(spec: dict) -> None:
         pass_start = state["step"]
         it, pass_end = ray.get(feed.split.remote(pass_start, rank))
         n_pass = pass_end - pass_start
-        seed = (spec["seed"] * 1000003 + pass_start * 31 + rank) & 0x7FFFFFFF
         done_in_pass = 0
-        batches = it.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2,
-                                        local_shuffle_buffer_size=dcfg.augment.shuffle_buffer or None,
-                                        local_shuffle_seed=seed if dcfg.augment.shuffle_buffer else None)
+        # the feed hands exactly n_pass x bs rows in training order (data.pass_dataset): no shuffle here,
+        # batch k of the pass is step pass_start + k on every run
+        batches = it.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2)
         for batch in batches:
             t0 = time.perf_counter()
             batch = _to_device(batch, device, dtype)
