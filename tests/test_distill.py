@@ -106,7 +106,7 @@ def _rows_by_step(spec: dict, sizes: list[int], start: int, rank: int) -> dict:
 def test_rows_per_worker_and_step_are_a_function_of_seed_epoch_rank():
     sizes = [10, 7, 13, 10]  # row groups of uneven size: 40 rows, 5 steps of 4 per worker per epoch
     spec = {"seed": 0, "steps_per_epoch": 5, "total_steps": 12, "batch_size": 4, "epochs_per_pass": 2,
-            "augment": {"shuffle_buffer": 12}}
+            "augment": {"shuffle_buffer": 12}, "aug_batch_rows": 6}
     runs = {r: _rows_by_step(spec, sizes, 0, r) for r in (0, 1)}
     assert runs[0] == _rows_by_step(spec, sizes, 0, 0)  # pure: the same plan every time
     for e in range(2):

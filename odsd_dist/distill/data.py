@@ -9,9 +9,9 @@
    groups (>= `augment.shuffle_buffer` rows), the sequence cut into `workers` equal parts of
    steps_per_epoch x batch_size rows (the remainder is left out that epoch).
 3. `pass_dataset`: one worker's rows for one pass (the rest of the current epoch and up to
-   `epochs_per_pass` more) as a Ray Data dataset in a fixed order (preserve_order): one item per window
-   fragment, read by a task straight from its row groups and augmented there with per-row seeds
-   (augment.row_rng), yielded in chunks. A resume at any step takes exactly the rows (and augmentations)
+   `epochs_per_pass` more) as a Ray Data dataset in a fixed order (preserve_order): items of up to
+   aug_batch_rows rows, each read by a task straight from its row groups and augmented there with
+   per-row seeds (augment.row_rng). A resume at any step takes exactly the rows (and augmentations)
    the uninterrupted run would have taken from that step on.
 4. `EpochFeed`: a small actor holding train_data's row-group index, which plans each worker's pass.
 """
@@ -225,8 +225,10 @@ def epoch_order(sizes: list[int], seed: int, epoch: int, window: int) -> tuple[n
 
 
 def pass_items(spec: dict, sizes: list[int], start_step: int, rank: int) -> tuple[list[dict], int]:
-    """(work items, end step) of `rank`'s pass starting at `start_step`: rows of consecutive steps, one
-    item per window fragment, {"epoch", "rows": int64 row ids as bytes} in training order."""
+    """(work items, end step) of `rank`'s pass starting at `start_step`: rows of consecutive steps, items
+    of at most `aug_batch_rows` rows of one window, {"epoch", "rows": int64 row ids as bytes}, in
+    training order. Small items keep data tasks short, so neither worker's pipeline holds the data CPUs
+    for long (a task reads its window's row groups whole: cheap for the small images distilled here)."""
     spe, total, bs = spec["steps_per_epoch"], spec["total_steps"], spec["batch_size"]
     end = min(total, (start_step // spe + spec["epochs_per_pass"]) * spe)
     part = spe * bs  # each worker's rows per epoch: equal steps on every worker
@@ -238,8 +240,9 @@ def pass_items(spec: dict, sizes: list[int], start_step: int, rank: int) -> tupl
         lo, hi = rank * part + (s - e * spe) * bs, rank * part + (stop - e * spe) * bs
         rows, wins = rows[lo:hi], wins[lo:hi]
         cuts = np.flatnonzero(np.diff(wins)) + 1
-        for r in np.split(rows, cuts):
-            items.append({"epoch": e, "rows": r.astype(np.int64).tobytes()})
+        for frag in np.split(rows, cuts):
+            for c in range(0, len(frag), spec["aug_batch_rows"]):
+                items.append({"epoch": e, "rows": frag[c:c + spec["aug_batch_rows"]].astype(np.int64).tobytes()})
         s = stop
     return items, end
 
