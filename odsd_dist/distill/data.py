@@ -159,6 +159,8 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
+    # the same rows in the same files on every run: the training order is planned on row positions (epoch_order)
+    ds.context.execution_options.preserve_order = True
     ds.write_parquet(str(tmp), min_rows_per_file=ROWS_PER_FILE)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
     os.replace(tmp, folder)
