@@ -301,11 +301,17 @@ class EpochFeedImpl:
     def __init__(self, spec: dict):
         self.spec = spec
         self.units = train_index(spec["train_dir"])
+        self.iters: dict[int, Any] = {}
 
     def split(self, start_step: int, rank: int):
-        """(this rank's DataIterator, the step at which the pass ends)."""
+        """(this rank's DataIterator, the step at which the pass ends).
+
+        A one-way streaming_split runs the pipeline in a coordinator actor of its own, in order, rather
+        than in the training process (whose Python thread it would share); kept here while in use.
+        """
         ds, end = pass_dataset(self.spec, self.units, start_step, rank)
-        return ds.iterator(), end
+        self.iters[rank] = ds.streaming_split(1, equal=False)[0]
+        return self.iters[rank], end
 
 
 def epoch_feed(spec: dict):
