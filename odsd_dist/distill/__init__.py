@@ -190,7 +190,7 @@ def run_distill(cfg: Config) -> dict:
     }
     print(f"odsd distill: {rows} images, {d.workers} workers x batch {d.batch_size}, {spe} steps/epoch, "
           f"{total} steps, ZeRO-{d.zero_stage} {d.dtype} on {d.device}, method {d.method}", file=sys.stderr)
-    spec["feed"] = epoch_feed({k: v for k, v in spec.items() if k != "feed"})
+    spec["feed"] = epoch_feed(spec) if d.feed == "ray_data" else None
     result = _fit(cfg, spec, stage.fingerprint, folder)
     history = _collect(result, folder)
     summary = {
