@@ -98,6 +98,7 @@ def normalise(y: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_VIEW_TAG = 0x7C_AC4E  # keeps the stored-view pick independent of the augmentation draws
 _MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -176,14 +177,8 @@ def cached_view(batch: dict, seed: Sequence[int], idx: np.ndarray) -> dict:
     {params (n, 3), t_idx (n, k) int64, t_val (n, k) float32 logits, t_feat (n, d) float32}."""
     params = np.asarray(batch["tc_params"])  # (n, K, 3)
     n, k_views = params.shape[:2]
-    h = np.asarray([zlib_hash(seed, int(i)) for i in idx], np.int64) % k_views
+    h = row_rng((*seed, _VIEW_TAG), idx).integers(0, k_views, n)
     rows = np.arange(n)
     return {"params": params[rows, h], "t_idx": np.asarray(batch["tc_idx"])[rows, h].astype(np.int64),
             "t_val": np.asarray(batch["tc_val"])[rows, h].astype(np.float32),
             "t_feat": np.asarray(batch["tc_feat"])[rows, h].astype(np.float32)}
-
-
-def zlib_hash(seed: Sequence[int], i: int) -> int:
-    import zlib
-
-    return zlib.crc32(np.asarray([*(int(s) & 0xFFFFFFFF for s in seed), i & 0xFFFFFFFF], np.uint32).tobytes())
