@@ -241,7 +241,43 @@ def pass_items(spec: dict, sizes: list[int], start_step: int, rank: int) -> tupl
     return items, end
 
 
-def _read_augment(batch: dict, *, units: list, views: int, aug: dict, mean, std, seed: int, chunk: int):
+class RowGroups:
+    """Reads train_data row groups, keeping the last `keep` (an item's window spans a few row groups
+    and the next items of one worker's pass come from the same window: read once, not once per item)."""
+
+    def __init__(self, keep: int = 0):
+        self.keep = keep
+        self.tables: dict[tuple[str, int], pa.Table] = {}
+        self.files: dict[str, pq.ParquetFile] = {}
+
+    def read(self, path: str, g: int) -> pa.Table:
+        t = self.tables.pop((path, g), None)
+        if t is None:
+            f = self.files.get(path) or self.files.setdefault(path, pq.ParquetFile(path))
+            t = f.read_row_group(int(g))
+        if self.keep:
+            self.tables[(path, g)] = t  # most recent last
+            while len(self.tables) > self.keep:
+                self.tables.pop(next(iter(self.tables)))
+        return t
+
+
+def _take_rows(units: list, rows: np.ndarray, groups: RowGroups) -> pa.Table:
+    """Rows `rows` (positions in train_data's fixed order) as one table, in that order."""
+    starts = np.concatenate([[0], np.cumsum([n for *_, n in units], dtype=np.int64)])
+    unit = np.searchsorted(starts, rows, side="right") - 1
+    used = np.unique(unit)  # read each row group once, however its rows are spread over the item
+    offset = np.zeros(len(units), np.int64)
+    tables, n = [], 0
+    for u in used:
+        path, g, size = units[u]
+        tables.append(groups.read(path, g))
+        offset[u], n = n, n + size
+    return pa.concat_tables(tables).take(pa.array(offset[unit] + rows - starts[unit]))
+
+
+def _read_augment(batch: dict, *, units: list, views: int, aug: dict, mean, std, seed: int, chunk: int,
+                  groups: Optional[RowGroups] = None):
     """map_batches UDF on one work item: read its row groups, take its rows in order, augment, yield chunks."""
     from ray.data.block import BlockAccessor
 
@@ -250,20 +286,8 @@ def _read_augment(batch: dict, *, units: list, views: int, aug: dict, mean, std,
 
     aug = AugmentConfig.model_validate(aug)
     epoch = int(batch["epoch"][0])
-    rows = np.frombuffer(batch["rows"][0], np.int64)
-    starts = np.concatenate([[0], np.cumsum([n for *_, n in units], dtype=np.int64)])
-    unit = np.searchsorted(starts, rows, side="right") - 1
-    used = np.unique(unit)  # read each row group once, however its rows are spread over the item
-    offset = np.zeros(len(units), np.int64)
-    tables, n = [], 0
-    files: dict[str, pq.ParquetFile] = {}
-    for u in used:
-        path, g, size = units[u]
-        f = files.get(path) or files.setdefault(path, pq.ParquetFile(path))
-        tables.append(f.read_row_group(int(g)))
-        offset[u], n = n, n + size
-    table = pa.concat_tables(tables).take(pa.array(offset[unit] + rows - starts[unit]))
-    for c in range(0, len(rows), chunk):
+    table = _take_rows(units, np.frombuffer(batch["rows"][0], np.int64), groups or RowGroups())
+    for c in range(0, table.num_rows, chunk):
         part = BlockAccessor.for_block(table.slice(c, chunk)).to_batch_format("numpy")
         yield augment_batch(part, views=views, aug=aug, mean=mean, std=std, seed=(seed, epoch))
 
@@ -327,6 +351,12 @@ def _rebatch(chunks, bs: int):
             buf = [rest] if have else []
 
 
+def _window_groups(spec: dict, units: list) -> int:
+    """Row groups one shuffle window can span (epoch_order closes a window at >= shuffle_buffer rows)."""
+    smallest = min((n for *_, n in units), default=1) or 1
+    return max(2, -(-spec["augment"]["shuffle_buffer"] // smallest) + 1)
+
+
 def local_pass(spec: dict, units: list, start_step: int, rank: int, prefetch: int = 4):
     """(batches, end step) of `rank`'s pass from `start_step`, made in the training process: the same
     items as `pass_dataset`, read and augmented in order by one background thread that keeps up to
@@ -336,7 +366,7 @@ def local_pass(spec: dict, units: list, start_step: int, rank: int, prefetch: in
 
     items, end = pass_items(spec, [n for *_, n in units], start_step, rank)
     kw = dict(units=units, views=spec["views"], aug=spec["augment"], mean=spec["mean"], std=spec["std"],
-              seed=spec["seed"], chunk=spec["aug_batch_rows"])
+              seed=spec["seed"], chunk=spec["aug_batch_rows"], groups=RowGroups(keep=_window_groups(spec, units)))
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     done = object()
