@@ -1,9 +1,15 @@
 """Starting or joining Ray from the `ray` config section, the same way for every stage."""
 from __future__ import annotations
 
+import math
 import os
 
 from .config import RayConfig
+
+
+def threads_for(threads: int | None, cpus: float) -> int:
+    """Torch threads of a process that reserved `cpus` Ray CPUs: `threads` when set, else the CPUs rounded up."""
+    return threads or max(1, math.ceil(cpus))
 
 
 def use_parquet_v1(ctx) -> bool:

@@ -142,7 +142,7 @@ def run_distill(cfg: Config) -> dict:
     stage.start(cfg.to_dict())
     t0 = time.perf_counter()
 
-    from ..raytools import init_ray
+    from ..raytools import init_ray, threads_for
     from .data import epoch_feed, materialise
 
     init_ray(cfg.ray)
@@ -164,7 +164,7 @@ def run_distill(cfg: Config) -> dict:
             pad=d.augment.weak_pad, flip=d.augment.flip, size=size)
         cache = build_teacher_cache(cache_dir, train_dir, cache_inputs, weights=str(Path(cfg.teacher.weights).resolve()),
                                     batch_size=c.batch_size, actor_cpus=c.actor_cpus,
-                                    threads=c.threads or max(1, int(-(-c.actor_cpus // 1))), device=d.device)
+                                    threads=threads_for(c.threads, c.actor_cpus), device=d.device)
         print(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
               f"({cache['seconds']:.0f} s)", file=sys.stderr)
         train_dir = cache_dir
@@ -174,7 +174,7 @@ def run_distill(cfg: Config) -> dict:
         raise UserError(f"distill: {rows} training images are fewer than workers x batch_size = "
                         f"{d.workers} x {d.batch_size}")
     total = d.steps if d.steps is not None else d.epochs * spe
-    threads = d.threads or max(1, int(-(-d.worker_cpus // 1)))
+    threads = threads_for(d.threads, d.worker_cpus)
     student_meta = {k: tmeta[k] for k in ("input_size", "mean", "std", "class_names") if k in tmeta}
     student_meta.update({"arch": d.student, "num_classes": tmeta["num_classes"], "in_chans": tmeta["in_chans"]})
     spec = {

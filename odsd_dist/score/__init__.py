@@ -6,7 +6,6 @@ quarantine) written atomically with a ledger, so reruns skip finished shards.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -168,7 +167,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
     from tqdm import tqdm
 
     from ..metrics import prom_metric, serve_metrics
-    from ..raytools import init_ray
+    from ..raytools import init_ray, threads_for
     from .decode import decode_rows
     from .scorer import TeacherScorer
     from .source import make_datasource
@@ -199,7 +198,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         fn_constructor_kwargs={"weights": os.path.abspath(cfg.teacher.weights), "device": sc.device, "dtype": sc.dtype,
                                "inference": sc.inference,
                                "topk": p["topk"], "feature_dim": sc.feature_dim, "seed": cfg.seed,
-                               "threads": sc.threads or max(1, math.ceil(sc.actor_cpus)), "streams": sc.streams},
+                               "threads": threads_for(sc.threads, sc.actor_cpus), "streams": sc.streams},
     )
     projection = None
     if p["teacher"]["feature_dim"] > sc.feature_dim:
