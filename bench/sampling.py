@@ -111,7 +111,7 @@ def read_limit(scores: str, batch_rows: int) -> dict:
     """Seconds of Ray Data passes that only read the columns APS reads (the stats pass's, then the select
     pass's) and count rows, through the same run_pass as `odsd sample`: the two-read-pass limit."""
     from odsd_dist.sample.aps import FINAL_PAYLOAD
-    from odsd_dist.sample.blocks import run_pass
+    from odsd_dist.sample.passes import run_pass
     from odsd_dist.sample.inputs import open_scores
 
     inp = open_scores(Path(scores))

@@ -11,7 +11,7 @@ import pytest
 
 from odsd_dist.cli import main
 from odsd_dist.config import build_config
-from odsd_dist.sample.blocks import key_uniform
+from odsd_dist.sample.keyhash import key_uniform
 from odsd_dist.sample.quota import class_quotas
 from odsd_dist.sample.synth import make_score_tables
 from odsd_dist.sample.targets import low_noise_targets

@@ -148,7 +148,8 @@ def _cosine_hist_setup(sel_sum: np.ndarray) -> np.ndarray:
 def scan_pool(files: list[str], selected: pa.Array, d: int, c: int, max_points: int, seed: int,
               batch_rows: int = 65_536) -> dict:
     """Two streaming passes: (1) ranges, selected-set prototypes, the map subsample; (2) histograms."""
-    from ..sample.blocks import features_np, key_uniform
+    from ..sample.columns import features_np
+    from ..sample.keyhash import key_uniform
 
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     n_sel = len(selected)

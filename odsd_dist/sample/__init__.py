@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from ..stage import StageOutput
 from ..tables import SELECTION_SCHEMA, parquet_options, temp_path, with_meta, write_table
-from .blocks import PassTimer, col_np, count_scanned, run_pass
+from .columns import col_np
+from .passes import PassTimer, count_scanned, run_pass
 from .inputs import ScoreInput, open_scores
 from .targets import low_noise_targets, to_list_array, topk_matrix
 
