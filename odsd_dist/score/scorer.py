@@ -84,6 +84,24 @@ def score_logits_features(logits: torch.Tensor, feats: torch.Tensor, topk: int, 
     }
 
 
+def projection_from_meta(score_meta: dict) -> Optional[torch.Tensor]:
+    """The projection a score table was written with (its metadata's `projection`), or None."""
+    pm = score_meta.get("projection")
+    return projection_matrix(int(pm["in_dim"]), int(pm["out_dim"]), int(pm["seed"])) if pm else None
+
+
+@torch.no_grad()
+def score_images(model: torch.nn.Module, model_meta: dict, images: np.ndarray, topk: int,
+                 proj: Optional[torch.Tensor], batch_rows: int = 256) -> dict:
+    """Score uint8 (N,H,W,C) images with a loaded, eval-mode teacher outside Ray (eager float32, in batches
+    of `batch_rows`): the score table's columns (`score_logits_features`) for every image, as numpy arrays."""
+    parts = []
+    for s in range(0, len(images), batch_rows):
+        f = model.forward_features(normalize(images[s: s + batch_rows], model_meta))
+        parts.append(score_logits_features(model.classify(f), f, topk, proj))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 class TeacherScorer:
     """Callable class for `map_batches`: loads the teacher once, scores every batch it is given."""
 
