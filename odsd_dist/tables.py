@@ -114,8 +114,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def parquet_options(schema: pa.Schema) -> dict:
     """zstd; dictionary encoding only where it can pay (not on float columns: Parquet's dictionary attempt
-    on a score table's 64 float16 features per row made writing ~2.5x and reading ~2x slower); float
-    columns byte-stream-split (their bytes grouped by significance: zstd packs them tighter)."""
+    on a score table's float16 features made writing and reading slower, docs/BENCHMARKS.md, design notes);
+    float columns byte-stream-split (their bytes grouped by significance: zstd packs them tighter)."""
     dictionary, split = [], []
     for field in schema:
         t = field.type

@@ -21,7 +21,8 @@ def features_f16(table: pa.Table, d: int, name: str = "feature") -> np.ndarray:
 
 def f64_chunks(x: np.ndarray, rows: int = 8192):
     """(start, float64 copy of x[start:start + rows]) over x, through one reused buffer: a block-sized float64
-    copy of the features is ~50 MB of fresh pages per block (the page faults cost as much as the math)."""
+    copy of the features is fresh pages every block, whose faults cost as much as the math (docs/BENCHMARKS.md,
+    design notes)."""
     buf = np.empty((min(rows, len(x)),) + x.shape[1:], np.float64)
     for i in range(0, len(x), rows):
         m = min(rows, len(x) - i)

@@ -17,8 +17,8 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
     The files are read with Ray Data's V1 Parquet reader (raytools.use_parquet_v1); the DataContext is
     restored afterwards. Read and fn run fused in one task per file: map_batches takes whole blocks
     (a batch_size, or fewer read tasks than Ray's minimum parallelism, would keep them apart and send
-    every block through the object store: 10M rows, a no-op pass 9.2 s -> 6.5 s), and the task cuts
-    them into batch_rows slices for fn itself.
+    every block through the object store; docs/BENCHMARKS.md, design notes), and the task cuts them into
+    batch_rows slices for fn itself.
     """
     # Lazy: importing ray.data takes seconds (docs/BENCHMARKS.md, design notes) and this package is
     # loaded with the config; raytools imports the config, which imports this package (a cycle).
@@ -32,7 +32,7 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
     saved_reservation = ctx.op_resource_reservation_enabled
     ctx.execution_options.preserve_order = preserve_order
     # One (fused) operator: Ray Data's per-operator reservation (half the cluster) only held it to half
-    # the CPUs; without it both cores read (40 files of 100k rows, stats pass: 7.8 -> 3.5 s).
+    # the CPUs; without it both cores read (docs/BENCHMARKS.md, design notes).
     ctx.op_resource_reservation_enabled = False
     try:
         ds = ray.data.read_parquet(files, columns=columns, override_num_blocks=len(files))  # only these columns

@@ -21,13 +21,12 @@ from ..tables import score_schema
 OUT_EXTRA = [("reason", pa.string()), ("detail", pa.string())]
 # The teacher sees batches padded to a multiple of this many rows. Batches arrive with every size from 1
 # to score.batch_size (damaged rows left out, each shard's last batch), and CPU torch (oneDNN) keeps
-# primitives and scratch memory per input shape: 300 forwards of random sizes in 180-256 took a ResNet-20
-# process from 170 MB to 1.4 GB of anonymous memory, fixed-size ones stayed at 216 MB, so the actor's
-# memory grew with the number of shards scored. BatchNorm is in eval mode: padding rows change nothing.
+# primitives and scratch memory per input shape, so the actor's memory grew with the number of shards
+# scored (figures: docs/BENCHMARKS.md, design notes). BatchNorm is in eval mode: padding rows change nothing.
 SHAPE_STEP = 32
 # Every TRIM_EVERY batches the actor hands the C heap's free pages back to the OS (glibc malloc_trim): freed
 # batch and activation buffers stayed with the allocator, and the actor's own memory crept up with the
-# number of shards scored (RssAnon 1.18-1.27x from 2 to 32 shards; 1.04x with the trim).
+# number of shards scored (figures: docs/BENCHMARKS.md, design notes).
 TRIM_EVERY = 64
 
 
