@@ -162,6 +162,26 @@ def test_method(ray_local, tmp_path, scores, method, capsys):
         assert t.column("score").to_numpy().min() > 0.3
 
 
+def test_a_registered_baseline_is_a_sampling_method(ray_local, tmp_path, scores):
+    """One `register(...)` makes a new baseline a `sample.method` (here: the least confident N/C per class)."""
+    from odsd_dist.sample import baselines, run_sample
+    from odsd_dist.sample.columns import col_np
+
+    baselines.register("minprob", baselines.Ranker(True, (), lambda b, seed: -col_np(b, "maxprob", np.float64)))
+    try:
+        s = run_sample(_cfg(tmp_path, scores, "minprob"))
+    finally:
+        del baselines.RANKERS["minprob"]
+    t, _ = _check_selection(tmp_path / "sample" / "selection.parquet", "minprob", N)
+    assert s["selected"] == N
+    pool = pa.concat_tables([pq.read_table(f, columns=["key", "pred", "maxprob"]) for f in sorted((scores / "scores").glob("*.parquet"))])
+    sel = set(t.column("key").to_pylist())
+    mask = np.array([k in sel for k in pool.column("key").to_pylist()])
+    mp, pr = pool.column("maxprob").to_numpy(), pool.column("pred").to_numpy()
+    for k in (0, 5):  # nothing rejected is less confident than a selected row of its class
+        assert mp[mask & (pr == k)].max() <= mp[~mask & (pr == k)].min()
+
+
 def test_aps_knobs_and_kmeans(ray_local, tmp_path, scores):
     from odsd_dist.sample import run_sample
 
