@@ -85,7 +85,7 @@ def cmd_shards_build(args):
 
 
 def cmd_report_sampling(args):
-    from .report.sampling import add_report_args, report_cli
+    from .report.cli import add_report_args, report_cli
 
     return _forward("odsd report sampling", REPORT_HELP, args.rest, add_report_args, report_cli)
 

@@ -30,8 +30,8 @@ def use_parquet_v1(ctx) -> bool:
 
     Every Parquet read of odsd (the sampling passes, the distill epoch feed) goes through here. V2, the
     default in Ray 2.60, lists files in extra tasks and starts a pool of footer-reader actors, each a new
-    worker process, for every read: tens of seconds per sampling pass of a few thousand rows and ~8 s per
-    distill epoch pass on a 2-core host.
+    worker process, for every read: seconds that dwarf the read itself on odsd's tables (docs/BENCHMARKS.md,
+    design notes).
     """
     old = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False

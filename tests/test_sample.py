@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.synth import make_score_tables
 from odsd_dist.cli import main
 from odsd_dist.config import build_config
-from odsd_dist.sample.blocks import key_uniform
+from odsd_dist.sample.keyhash import key_uniform
 from odsd_dist.sample.quota import class_quotas
-from odsd_dist.sample.synth import make_score_tables
 from odsd_dist.sample.targets import low_noise_targets
 from odsd_dist.sample.topk import CLS, RANK, TopKMerger, per_class_topq
 from odsd_dist.tables import SELECTION_SCHEMA, read_meta, score_schema, write_table

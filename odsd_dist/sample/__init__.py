@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 from ..metrics import prom_metric
 from ..runner import Plan, Result, Stage, run_configured, run_stage
 from ..stage import StageOutput
-from ..tables import SELECTION_SCHEMA, _tmp_path, parquet_options, with_meta, write_table
+from ..tables import SELECTION_SCHEMA, parquet_options, temp_path, with_meta, write_table
 from .aps import run_aps
 from .baselines import class_counts, run_baseline
-from .blocks import PassTimer, col_np, count_scanned, run_pass
+from .columns import col_np
 from .inputs import ScoreInput, open_scores
+from .passes import PassTimer, count_scanned, run_pass
 from .reshard import reshard, resolve_sources
 from .targets import low_noise_targets, to_list_array, topk_matrix
 
@@ -66,7 +67,7 @@ def _all_block(batch: pa.Table, k: int, tau: float) -> pa.Table:
 
 def _write_all(inp: ScoreInput, sc, path: Path, meta: dict, timer: PassTimer) -> int:
     """`all`: stream every row, in score-table order (shard file, row), straight to the file."""
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     rows = 0
     writer = pq.ParquetWriter(tmp, with_meta(SELECTION_SCHEMA.empty_table(), meta).schema, **parquet_options(SELECTION_SCHEMA))
     try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .blocks import PassTimer, col_np, count_scanned, key_uniform, run_pass
+from .columns import col_np
+from .keyhash import key_uniform
+from .passes import PassTimer, count_scanned, run_pass
 from .quota import class_quotas
 from .topk import SELECTION_ORDER, TopKMerger, per_class_topq, with_rank
 
