@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -37,42 +38,26 @@ def _print_summary(summary: dict, as_json: bool = False) -> None:
         print(json.dumps(summary, indent=1, sort_keys=True, default=str))
 
 
-def cmd_score(args):
-    from .score import run_score
-
-    return run_score(_config(args))
-
-
-def cmd_sample(args):
-    from .sample import run_sample
-
-    if args.reshard:
+def cmd_stage(args):
+    """A stage (score, sample, distill, eval, teacher train) on the inputs its config names."""
+    if getattr(args, "reshard", None):
         args.overrides.append(f"sample.reshard={args.reshard}")
-    return run_sample(_config(args))
+    cfg = _config(args)
+    # Imported here rather than at the top, and after the config is loaded: the stage modules import Ray,
+    # Ray Data and torch (seconds), which `odsd --help`, `odsd shards verify` and a config error do not need.
+    from .runner import run_configured, run_stage
+    from .stages import STAGES
 
-
-def cmd_distill(args):
-    from .distill import run_distill
-
-    return run_distill(_config(args))
-
-
-def cmd_eval(args):
-    from .evaluate import run_eval
-
-    return run_eval(_config(args), weights=args.weights)
+    stage = STAGES[args.stage]
+    if getattr(args, "weights", None):  # odsd eval --weights: a model other than the distilled student
+        return run_stage(stage, cfg, Path(args.weights)).summary
+    return run_configured(stage, cfg)
 
 
 def cmd_run(args):
-    from .pipeline import run_all
+    from .pipeline import run_all  # lazily, like the stages (cmd_stage)
 
     return run_all(_config(args))
-
-
-def cmd_teacher_train(args):
-    from .teacher import train_teacher
-
-    return train_teacher(_config(args))
 
 
 def cmd_shards_verify(args):
@@ -202,17 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
         _add_config_args(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, stage=name)
         return p
 
-    stage("score", cmd_score, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables")
-    p = stage("sample", cmd_sample, "select N pool images from the score table (APS or a baseline); writes selection.parquet",
+    stage("score", cmd_stage, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables")
+    p = stage("sample", cmd_stage, "select N pool images from the score table (APS or a baseline); writes selection.parquet",
               SAMPLE_EPILOG)
     p.add_argument("--reshard", metavar="DIR", help="also write the selected images as new training shards "
                    "into DIR (same as --set sample.reshard=DIR; pool tars from sample.pool_shards or score.shards)")
-    stage("distill", cmd_distill, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors",
+    stage("distill", cmd_stage, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors",
           DISTILL_EPILOG)
-    p = stage("eval", cmd_eval, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json",
+    p = stage("eval", cmd_stage, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json",
               EVAL_EPILOG)
     p.add_argument("--weights", help="model to evaluate (default: the distilled student)")
     stage("run", cmd_run, "score, sample, distill and eval, chained, skipping finished stages", RUN_EPILOG)
@@ -222,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = teacher.add_parser("train", help="train a teacher on labelled shards (config section teacher_train)",
                            description="train a teacher on labelled shards; writes teacher.weights (safetensors)")
     _add_config_args(p)
-    p.set_defaults(func=cmd_teacher_train)
+    p.set_defaults(func=cmd_stage, stage="teacher train")
 
     shards = sub.add_parser("shards", help="verify or build WebDataset shards").add_subparsers(dest="shards_cmd", metavar="ACTION")
     shards.required = True

@@ -17,15 +17,9 @@ from pydantic import Field, ValidationError
 from .distill.config import DistillConfig
 from .errors import UserError
 from .paths import expand_paths  # noqa: F401  (re-exported: stages import it from here)
+from .raytools import RayConfig
 from .sample.config import SampleConfig
 from .section import Section
-
-
-class RayConfig(Section):
-    address: Optional[str] = None  # None: start a local Ray; "auto" or ray://...: join a running cluster
-    num_cpus: Optional[int] = Field(None, ge=1)
-    namespace: str = "odsd"
-    include_dashboard: bool = False
 
 
 class TeacherConfig(Section):

@@ -3,8 +3,21 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
-from .config import RayConfig
+from pydantic import Field
+
+from .section import Section
+
+
+class RayConfig(Section):
+    """The `ray` config section. Beside `init_ray` rather than in config.py, so that the stage runner can
+    start Ray without importing the top-level config (which imports the stage packages' configs)."""
+
+    address: Optional[str] = None  # None: start a local Ray; "auto" or ray://...: join a running cluster
+    num_cpus: Optional[int] = Field(None, ge=1)
+    namespace: str = "odsd"
+    include_dashboard: bool = False
 
 
 def threads_for(threads: int | None, cpus: float) -> int:

@@ -261,11 +261,11 @@ def _check_student(folder: Path, history: dict, eval_paths: list[str], method: s
 @pytest.fixture(scope="module")
 def train_data(ray_local, distill_inputs) -> Path:
     """The materialised training data (distill/data.materialise), made once and copied into each run's folder."""
-    from odsd_dist.distill import _plan
+    from odsd_dist.distill import STAGE
     from odsd_dist.distill.data import materialise
 
     cfg = _cfg(distill_inputs, distill_inputs["root"] / "data_run")
-    plan = _plan(cfg)
+    plan = STAGE.plan(cfg, *STAGE.inputs(cfg)).work
     folder = distill_inputs["root"] / "train_data"
     tmeta = plan["teacher_meta"]
     rec = materialise(folder, selection=plan["selection"], shard_paths=plan["shard_paths"],
