@@ -20,7 +20,12 @@ EPILOG = """examples:
 """
 
 
+VERBOSE_HELP = ("also print Ray's, Ray Data's, Ray Train's and DeepSpeed's own log lines and progress output "
+                "(same as ODSD_VERBOSE=1); they always go to <out>/logs/<stage>.log")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.add_argument("--config", "-c", help="YAML config (default: the embedded demo config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set score.batch_size=128 (repeatable)")
@@ -37,10 +42,19 @@ def _print_summary(summary: dict, as_json: bool = False) -> None:
         print(json.dumps(summary, indent=1, sort_keys=True, default=str))
 
 
+def _logged(name: str, run, args, **kw):
+    """Run one stage with its log file <out>/logs/<name>.log (console.py)."""
+    from .console import stage_log
+
+    cfg = _config(args)
+    with stage_log(cfg.out, name):
+        return run(cfg, **kw)
+
+
 def cmd_score(args):
     from .score import run_score
 
-    return run_score(_config(args))
+    return _logged("score", run_score, args)
 
 
 def cmd_sample(args):
@@ -48,31 +62,31 @@ def cmd_sample(args):
 
     if args.reshard:
         args.overrides.append(f"sample.reshard={args.reshard}")
-    return run_sample(_config(args))
+    return _logged("sample", run_sample, args)
 
 
 def cmd_distill(args):
     from .distill import run_distill
 
-    return run_distill(_config(args))
+    return _logged("distill", run_distill, args)
 
 
 def cmd_eval(args):
     from .evaluate import run_eval
 
-    return run_eval(_config(args), weights=args.weights)
+    return _logged("eval", run_eval, args, weights=args.weights)
 
 
 def cmd_run(args):
     from .pipeline import run_all
 
-    return run_all(_config(args))
+    return run_all(_config(args))  # one log per stage, opened by run_all
 
 
 def cmd_teacher_train(args):
     from .teacher import train_teacher
 
-    return train_teacher(_config(args))
+    return _logged("teacher", train_teacher, args)
 
 
 def cmd_shards_verify(args):
@@ -195,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -249,6 +264,12 @@ def main(argv=None) -> int:
         args.rest = unknown + args.rest
     elif unknown:
         ap.error("unrecognized arguments: " + " ".join(unknown))
+    if args.verbose:
+        from .console import set_verbose
+
+        set_verbose(True)
+    if hasattr(sys.stdout, "reconfigure"):  # summaries (stdout) in order with bars and notes (stderr) in a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         args.func(args)
     except UserError as e:

@@ -10,6 +10,7 @@ import sys
 import time
 
 from .config import Config, expand_paths
+from .console import detail, log_path, stage_log
 from .errors import UserError
 
 
@@ -34,15 +35,16 @@ def run_all(cfg: Config) -> dict:
     t0 = time.perf_counter()
     out: dict = {"stage_seconds": {}}
     for name, fn in (("score", run_score), ("sample", run_sample), ("distill", run_distill), ("eval", run_eval)):
-        print(f"\n=== odsd run: {name} ===", file=sys.stderr, flush=True)
+        detail(f"=== odsd run: {name} ===")
         ts = time.perf_counter()
-        out[name] = fn(cfg)
+        with stage_log(cfg.out, name):
+            out[name] = fn(cfg)
         out["stage_seconds"][name] = round(time.perf_counter() - ts, 1)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     ev = out["eval"] or {}
     student, teacher = ev.get("top1"), ev.get("teacher_top1")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in out["stage_seconds"].items())
-    lines = [f"\nodsd run: finished in {out['seconds']:.0f} s ({times})"]
+    lines = [f"odsd run: finished in {out['seconds']:.0f} s ({times})"]
     if student is not None:
         d = cfg.distill
         line = f"  student {ev.get('arch')} top-1 {100 * student:.2f}%"
@@ -51,5 +53,6 @@ def run_all(cfg: Config) -> dict:
         lines.append(line + f"   on {ev.get('n')} images of eval.shards")
         sel = "the whole pool" if cfg.sample.method == "all" else f"the {cfg.sample.method} selection (N={cfg.sample.n})"
         lines.append(f"  ({d.method} on {sel}, {d.workers} workers, ZeRO-{d.zero_stage}; {ev.get('weights')})")
+    lines.append(f"  logs: {log_path(cfg.out, '<stage>')}")
     print("\n".join(lines), file=sys.stderr, flush=True)
     return out
