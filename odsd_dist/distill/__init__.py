@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..console import detail, progress, say, worker_lines
 from ..paths import expand_paths
 from ..errors import UserError
 from ..stage import StageOutput, file_identity
@@ -103,7 +105,7 @@ def _plan(cfg: Config) -> dict:
         if not selection.is_file():
             raise UserError(f"distill: selection not found: {selection} (run `odsd sample` first, or set distill.selection)")
         for w in mcls.selection_warnings(getattr(d.options, d.method), read_meta(selection)):
-            print(f"odsd distill: warning: {w}", file=sys.stderr)
+            say(f"odsd distill: warning: {w}")
         pool = d.pool_shards or cfg.score.shards
         if not pool:
             raise UserError("distill.pool_shards (or score.shards): the pool shards the selection was drawn from")
@@ -165,8 +167,8 @@ def run_distill(cfg: Config) -> dict:
         cache = build_teacher_cache(cache_dir, train_dir, cache_inputs, weights=str(Path(cfg.teacher.weights).resolve()),
                                     batch_size=c.batch_size, actor_cpus=c.actor_cpus,
                                     threads=c.threads or max(1, int(-(-c.actor_cpus // 1))), device=d.device)
-        print(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
-              f"({cache['seconds']:.0f} s)", file=sys.stderr)
+        detail(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
+               f"({cache['seconds']:.0f} s)")
         train_dir = cache_dir
     rows = data["rows"]
     spe = (rows // d.workers) // d.batch_size
@@ -188,8 +190,8 @@ def run_distill(cfg: Config) -> dict:
         "eval_every_epoch": d.eval_every_epoch, "out_dir": str(folder.resolve()),
         "epochs_per_pass": d.epochs_per_pass,
     }
-    print(f"odsd distill: {rows} images, {d.workers} workers x batch {d.batch_size}, {spe} steps/epoch, "
-          f"{total} steps, ZeRO-{d.zero_stage} {d.dtype} on {d.device}, method {d.method}", file=sys.stderr)
+    detail(f"odsd distill: {rows} images, {d.workers} workers x batch {d.batch_size}, {spe} steps/epoch, "
+           f"{total} steps, ZeRO-{d.zero_stage} {d.dtype} on {d.device}, method {d.method}")
     spec["feed"] = epoch_feed({k: v for k, v in spec.items() if k != "feed"})
     result = _fit(cfg, spec, stage.fingerprint, folder)
     history = _collect(result, folder)
@@ -245,7 +247,31 @@ def _fit(cfg: Config, spec: dict, run_fp: str, folder: Path):
                                              "OMP_NUM_THREADS": str(spec["threads"])}},
         ),
     )
-    return trainer.fit()
+    epochs = -(-spec["total_steps"] // spec["steps_per_epoch"])
+    with progress(total=spec["total_steps"], desc="odsd distill", unit="step") as bar, \
+            worker_lines(lambda line: _on_worker_line(line, bar, epochs)):
+        return trainer.fit()
+
+
+# what rank 0 of the training loop prints (loop.py `_say`), followed by the driver's progress bar
+_STEP = re.compile(r"\[distill\] step (\d+)/(\d+) epoch (\d+)")
+_EVAL = re.compile(r"\[distill\] eval after epoch \d+: top-1 ([\d.]+%)")
+_RESUMED = re.compile(r"\[distill\] resumed from checkpoint at step (\d+)")
+
+
+def _on_worker_line(line: str, bar, epochs: int) -> None:
+    if m := _RESUMED.search(line):
+        say(f"odsd distill: resumed from the checkpoint at step {m.group(1)}")
+        bar.update(int(m.group(1)) - bar.n)
+        return
+    if m := _STEP.search(line):
+        bar.update(int(m.group(1)) - bar.n)
+        bar.epoch = f"epoch {int(m.group(3)) + 1}/{epochs}"
+    elif m := _EVAL.search(line):
+        bar.top1 = f", top-1 {m.group(1)}"
+    else:
+        return
+    bar.set_postfix_str(getattr(bar, "epoch", "") + getattr(bar, "top1", ""))
 
 
 def _collect(result, folder: Path) -> dict:
@@ -270,7 +296,7 @@ def _mean_sps(history: dict) -> float | None:
 
 
 def _print_summary(s: dict, skipped: bool = False) -> None:
-    head = "odsd distill: already done (inputs and config unchanged)" if skipped else "odsd distill: done"
+    head = "odsd distill: already done (inputs and config unchanged); skipped" if skipped else "odsd distill: done"
     lines = [head, f"  {s['method']} -> {s['student']} ({s['weights']}): {s['steps']} steps ({s.get('epochs')} epochs), "
                    f"ZeRO-{s['zero_stage']} {s['dtype']} x {s['workers']} workers"]
     if s.get("last_top1") is not None:
