@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from odsd_dist.report.sampling import CIFAR10_CLASSES, CIFAR10_TINYIMAGENET
+from odsd_dist.report.classmap import CIFAR10_CLASSES, CIFAR10_TINYIMAGENET
 
 
 def load(scores: str, provenance: str):

@@ -53,7 +53,7 @@ def generate(base: Path, rows: int, shard_rows: int, seed: int) -> dict:
     folder = _data_dir(base, rows, shard_rows, seed)
     if (folder / "done.json").is_file():
         return {"folder": str(folder), "seconds": None, "reused": True}
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from odsd_dist.sample.synth import make_score_tables; "
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from bench.synth import make_score_tables; "
             "i = make_score_tables(sys.argv[2], rows=int(sys.argv[3]), num_classes=10, feature_dim=64, "
             "shards=int(sys.argv[4]), seed=int(sys.argv[5]), provenance=False); print(json.dumps(i['seconds']))")
     shards = max(1, -(-rows // shard_rows))
@@ -111,7 +111,7 @@ def read_limit(scores: str, batch_rows: int) -> dict:
     """Seconds of Ray Data passes that only read the columns APS reads (the stats pass's, then the select
     pass's) and count rows, through the same run_pass as `odsd sample`: the two-read-pass limit."""
     from odsd_dist.sample.aps import FINAL_PAYLOAD
-    from odsd_dist.sample.blocks import run_pass
+    from odsd_dist.sample.passes import run_pass
     from odsd_dist.sample.inputs import open_scores
 
     inp = open_scores(Path(scores))

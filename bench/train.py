@@ -239,28 +239,33 @@ def _distill_sps(cfg, log_every: int) -> tuple[float, dict]:
 
 
 def bench_cache(args, scratch: Path) -> dict:
-    """KD with the teacher online vs cached, in `odsd distill` and in the plain loop (one run, side by side)."""
+    """KD with the teacher online vs cached, in `odsd distill` with each data feed and in the plain loop
+    (one run, side by side)."""
     import ray
 
     inp = _make_inputs(args, scratch)
-    out = {}
+    out: dict = {"online": {}, "cached": {}}
     for mode in ("online", "cached"):
-        cfg = _distill_config(args, scratch / mode, inp, method="kd", teacher_outputs=mode)
-        sps, summary = _distill_sps(cfg, args.log_every)
-        out[mode] = {"distill_steady_samples_per_s": sps, "summary": summary}
+        for feed in args.feeds:
+            cfg = _distill_config(args, scratch / mode, inp, method="kd", teacher_outputs=mode, feed=feed)
+            sps, summary = _distill_sps(cfg, args.log_every)
+            out[mode][feed] = {"distill_steady_samples_per_s": sps, "summary": summary}
     ray.shutdown()
     for mode in ("online", "cached"):
         folder = _distill_config(args, scratch / mode, inp).stage_dir("distill")
         data = folder / ("teacher_cache" if mode == "cached" else "train_data")
         cfg = _distill_config(args, scratch / mode, inp, method="kd")
         out[mode]["plain"] = plain_loop(cfg, data, args.plain_steps, 2 * args.batch, args.threads)
-    out["ratio_distill"] = out["cached"]["distill_steady_samples_per_s"] / out["online"]["distill_steady_samples_per_s"]
+    sps = {(m, f): out[m][f]["distill_steady_samples_per_s"] for m in ("online", "cached") for f in args.feeds}
+    out["ratio_distill"] = {f: sps["cached", f] / sps["online", f] for f in args.feeds}
     out["ratio_plain"] = out["cached"]["plain"]["samples_per_s"] / out["online"]["plain"]["samples_per_s"]
     print(f"\nTeacher outputs: {args.student} KD from the benchmark teacher, global batch {2 * args.batch}, fp32, CPU")
     for mode in ("online", "cached"):
-        print(f"  {mode:7s} odsd distill (2 workers, ZeRO-2) {out[mode]['distill_steady_samples_per_s']:.1f} samples/s; "
+        feeds = ", ".join(f"feed {f} {sps[mode, f]:.1f}" for f in args.feeds)
+        print(f"  {mode:7s} odsd distill (2 workers, ZeRO-2): {feeds} samples/s; "
               f"plain loop {out[mode]['plain']['samples_per_s']:.1f} samples/s")
-    print(f"  cached / online: odsd distill {out['ratio_distill']:.2f}x (target 1.8), plain loop {out['ratio_plain']:.2f}x")
+    ratios = ", ".join(f"feed {f} {r:.2f}x" for f, r in out["ratio_distill"].items())
+    print(f"  cached / online: odsd distill {ratios} (target 1.8); plain loop {out['ratio_plain']:.2f}x")
     return out
 
 
@@ -310,6 +315,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="per worker; the plain loop uses 2x")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--plain-steps", type=int, default=20)
+    ap.add_argument("--feeds", nargs="+", default=["local", "ray_data"], choices=["local", "ray_data"],
+                    help="distill.feed values measured by --part cache")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop")
     ap.add_argument("--mem-batch", type=int, default=2)

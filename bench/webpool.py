@@ -10,7 +10,7 @@ web-like aspect-ratio mix, given a fixed film grain (upscaled 32 px images alone
 more cheaply than photos; JPEGs only), and re-encoded: 85 % JPEG (quality 75-95; 5 % of those greyscale, 2 % CMYK,
 3 % stored turned with an EXIF Orientation tag, so upright only if the decoder applies it), 10 % WebP,
 5 % PNG. Everything is drawn from a seeded generator per entry key, so the tars are byte-identical on
-every run (tar headers fixed: mtime, owner, mode). Two processes; under 2 minutes on the 2-core machine.
+every run (tar headers fixed by odsd_dist.shards.writer). Two processes; under 2 minutes on the 2-core machine.
 """
 from __future__ import annotations
 
@@ -22,20 +22,20 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from odsd_dist.shards.decode import IMAGE_EXTS, pick_image  # noqa: E402
 from odsd_dist.shards.tario import iter_samples  # noqa: E402
+from odsd_dist.shards.writer import TarWriter  # noqa: E402
 
 ASPECTS = [(1.0, 0.15), (4 / 3, 0.35), (3 / 2, 0.25), (16 / 9, 0.10), (3 / 4, 0.10), (2 / 3, 0.05)]  # w/h, share
 SHARD = 2500
-MTIME = 1_700_000_000
 _GRAIN = None
 
 
@@ -90,18 +90,11 @@ def transform(data: bytes, key: str, seed: int) -> tuple[bytes, str, dict]:
     return buf.getvalue(), ext, {"width": w, "height": h, "kind": kind}
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), MTIME, 0o644, 0, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(job) -> dict:
     """job: (out tar path, [(key, {member ext: bytes}, label or None, damaged or None)], seed)."""
     path, entries, seed = job
     kinds: dict = {}
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with TarWriter(path) as tar:
         for key, members, label, damage in entries:
             picked = pick_image(members)
             meta = {"key": key}
@@ -111,25 +104,22 @@ def _write_shard(job) -> dict:
                 pass
             if damage is not None or picked is None or not picked[1]:
                 for ext in sorted(members):  # damaged entries: the pool's bytes, unchanged
-                    _add(tar, f"{key}.{ext}", members[ext])
+                    tar.add(f"{key}.{ext}", members[ext])
                 kinds[f"damaged_{damage}"] = kinds.get(f"damaged_{damage}", 0) + 1
                 continue
             data, ext, info = transform(picked[1], key, seed)
             kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
-            _add(tar, f"{key}.{ext}", data)
+            tar.add(f"{key}.{ext}", data)
             if label is not None:
-                _add(tar, f"{key}.cls", str(label).encode())
+                tar.add(f"{key}.cls", str(label).encode())
                 meta["label"] = label
             meta.update(width=info["width"], height=info["height"])
-            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-    os.replace(tmp, path)
+            tar.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
     return {"path": path, "entries": len(entries), "kinds": kinds, "bytes": os.path.getsize(path)}
 
 
 def _damage_of(pool: str) -> dict:
     """key -> damage kind, from the pool's provenance table (a benchmark may read it; the pipeline never does)."""
-    import pyarrow.parquet as pq
-
     prov = Path(pool).parent / "openworld_provenance.parquet"
     t = pq.read_table(prov, columns=["key", "damage"]).to_pydict()
     return {k: d for k, d in zip(t["key"], t["damage"]) if d}

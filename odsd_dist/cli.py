@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -42,51 +43,26 @@ def _print_summary(summary: dict, as_json: bool = False) -> None:
         print(json.dumps(summary, indent=1, sort_keys=True, default=str))
 
 
-def _logged(name: str, run, args, **kw):
-    """Run one stage with its log file <out>/logs/<name>.log (console.py)."""
-    from .console import stage_log
-
-    cfg = _config(args)
-    with stage_log(cfg.out, name):
-        return run(cfg, **kw)
-
-
-def cmd_score(args):
-    from .score import run_score
-
-    return _logged("score", run_score, args)
-
-
-def cmd_sample(args):
-    from .sample import run_sample
-
-    if args.reshard:
+def cmd_stage(args):
+    """A stage (score, sample, distill, eval, teacher train) on the inputs its config names."""
+    if getattr(args, "reshard", None):
         args.overrides.append(f"sample.reshard={args.reshard}")
-    return _logged("sample", run_sample, args)
+    cfg = _config(args)
+    # Imported here rather than at the top, and after the config is loaded: the stage modules import Ray,
+    # Ray Data and torch (seconds), which `odsd --help`, `odsd shards verify` and a config error do not need.
+    from .runner import run_configured, run_stage
+    from .stages import STAGES
 
-
-def cmd_distill(args):
-    from .distill import run_distill
-
-    return _logged("distill", run_distill, args)
-
-
-def cmd_eval(args):
-    from .evaluate import run_eval
-
-    return _logged("eval", run_eval, args, weights=args.weights)
+    stage = STAGES[args.stage]
+    if getattr(args, "weights", None):  # odsd eval --weights: a model other than the distilled student
+        return run_stage(stage, cfg, Path(args.weights)).summary
+    return run_configured(stage, cfg)
 
 
 def cmd_run(args):
-    from .pipeline import run_all
+    from .pipeline import run_all  # lazily, like the stages (cmd_stage)
 
-    return run_all(_config(args))  # one log per stage, opened by run_all
-
-
-def cmd_teacher_train(args):
-    from .teacher import train_teacher
-
-    return _logged("teacher", train_teacher, args)
+    return run_all(_config(args))
 
 
 def cmd_shards_verify(args):
@@ -114,7 +90,7 @@ def cmd_shards_build(args):
 
 
 def cmd_report_sampling(args):
-    from .report.sampling import add_report_args, report_cli
+    from .report.cli import add_report_args, report_cli
 
     return _forward("odsd report sampling", REPORT_HELP, args.rest, add_report_args, report_cli)
 
@@ -217,17 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
         _add_config_args(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, stage=name)
         return p
 
-    stage("score", cmd_score, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables")
-    p = stage("sample", cmd_sample, "select N pool images from the score table (APS or a baseline); writes selection.parquet",
+    stage("score", cmd_stage, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables")
+    p = stage("sample", cmd_stage, "select N pool images from the score table (APS or a baseline); writes selection.parquet",
               SAMPLE_EPILOG)
     p.add_argument("--reshard", metavar="DIR", help="also write the selected images as new training shards "
                    "into DIR (same as --set sample.reshard=DIR; pool tars from sample.pool_shards or score.shards)")
-    stage("distill", cmd_distill, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors",
+    stage("distill", cmd_stage, "train the student on the selection with Ray Train + DeepSpeed; writes student.safetensors",
           DISTILL_EPILOG)
-    p = stage("eval", cmd_eval, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json",
+    p = stage("eval", cmd_stage, "top-1 and per-class accuracy of a model on labelled shards; writes eval.json",
               EVAL_EPILOG)
     p.add_argument("--weights", help="model to evaluate (default: the distilled student)")
     stage("run", cmd_run, "score, sample, distill and eval, chained, skipping finished stages", RUN_EPILOG)
@@ -237,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = teacher.add_parser("train", help="train a teacher on labelled shards (config section teacher_train)",
                            description="train a teacher on labelled shards; writes teacher.weights (safetensors)")
     _add_config_args(p)
-    p.set_defaults(func=cmd_teacher_train)
+    p.set_defaults(func=cmd_stage, stage="teacher train")
 
     shards = sub.add_parser("shards", help="verify or build WebDataset shards").add_subparsers(dest="shards_cmd", metavar="ACTION")
     shards.required = True

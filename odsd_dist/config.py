@@ -17,15 +17,9 @@ from pydantic import Field, ValidationError
 from .distill.config import DistillConfig
 from .errors import UserError
 from .paths import expand_paths  # noqa: F401  (re-exported: stages import it from here)
+from .raytools import RayConfig
 from .sample.config import SampleConfig
 from .section import Section
-
-
-class RayConfig(Section):
-    address: Optional[str] = None  # None: start a local Ray; "auto" or ray://...: join a running cluster
-    num_cpus: Optional[int] = Field(None, ge=1)
-    namespace: str = "odsd"
-    include_dashboard: bool = False
 
 
 class TeacherConfig(Section):
@@ -187,8 +181,12 @@ def load_raw(path: Optional[str | os.PathLike]) -> dict:
     return data
 
 
-def build_config(data: dict, overrides: list[str] = ()) -> Config:
+def build_config(data: dict, overrides: list[str] = (), values: Optional[dict[str, Any]] = None) -> Config:
+    """`data` with typed `values` ({"distill.lr": 0.1, ...}: code's own settings, never parsed), then the
+    `--set` text `overrides` (a user's), validated."""
     data = copy.deepcopy(data)
+    for key, value in (values or {}).items():
+        _set_path(data, key, copy.deepcopy(value))
     for item in overrides or ():
         key, value = parse_override(item)
         _set_path(data, key, value)

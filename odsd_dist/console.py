@@ -83,6 +83,13 @@ def detail(msg: str) -> None:
     log.info(msg, stacklevel=2)
 
 
+def to_log(msg: str) -> None:
+    """A line for the stage log only (one the caller prints itself, e.g. the runner's skip line)."""
+    h = _stage.handler
+    if h is not None:
+        h.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, msg, None, None))
+
+
 def progress(total=None, desc: str = "", unit: str = "it", **kw):
     """The stage's progress bar on stderr: items, rate, ETA (redrawn in place on a terminal)."""
     from tqdm import tqdm

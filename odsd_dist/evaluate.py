@@ -13,21 +13,22 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+import torch
+
 from .config import Config, expand_paths
-from .console import progress, say
+from .console import progress
 from .errors import UserError
+from .models import load_model, normalize, read_model_meta, weights_sha256
+from .runner import Plan, Result, Stage, run_configured, run_stage, without
+from .shards.labelled import iter_labelled_batches
 from .stage import StageOutput, file_identity, fingerprint
+from .tables import atomic_write_json
 
 
 def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: int = 256,
                    device: str = "cpu", bar=None) -> dict:
     """{"top1", "per_class": {class name: accuracy}, "n", "skipped"} of `model` on labelled shards
     (`bar`: a progress bar advanced by the images of each batch)."""
-    import torch
-
-    from .models import normalize
-    from .shards.labelled import iter_labelled_batches
-
     c = int(meta["num_classes"])
     names = list(meta.get("class_names") or [str(i) for i in range(c)])
     correct = np.zeros(c, np.int64)
@@ -61,9 +62,6 @@ def _count_entries(shards: Sequence[str]) -> int:
 
 def _teacher_accuracy(cfg: Config, shards: list[str], folder: Path, bar=None) -> Optional[dict]:
     """The teacher's accuracy on `shards`, computed once per (teacher sha256, shards)."""
-    from .models import load_model, weights_sha256
-    from .tables import atomic_write_json
-
     path = Path(cfg.teacher.weights)
     if not path.is_file():
         return None
@@ -82,35 +80,44 @@ def _teacher_accuracy(cfg: Config, shards: list[str], folder: Path, bar=None) ->
     return res
 
 
-def run_eval(cfg: Config, weights: Optional[str] = None) -> dict:
-    """Evaluate `weights` (default: the distilled student) on eval.shards; writes eval.json; returns the summary."""
-    from .models import load_model, read_model_meta
-    from .tables import atomic_write_json
+def configured_student(cfg: Config) -> tuple[Path]:
+    """The distill stage's student (a stage run on its own; `odsd eval --weights` names another)."""
+    return (cfg.stage_dir("distill") / "student.safetensors",)
 
+
+def plan(cfg: Config, weights: Path) -> Plan:
+    """Validate eval.shards and the model (no Ray)."""
     if not cfg.eval.shards:
         raise UserError("eval.shards: no labelled evaluation shards configured")
     shards = expand_paths(cfg.eval.shards, "eval.shards")
-    wpath = Path(weights) if weights else cfg.stage_dir("distill") / "student.safetensors"
+    wpath = Path(weights)
     if not wpath.is_file():
-        raise UserError(f"eval: model weights not found: {wpath}" + ("" if weights else " (run `odsd distill` first)"))
-    meta = read_model_meta(wpath)  # UserError when not an odsd safetensors file
-    folder = cfg.stage_dir("eval")
-    stage = StageOutput(folder, "eval", cfg.section_dict("eval"),
-                        {"weights": file_identity(wpath), "shards": [file_identity(p) for p in shards],
-                         "teacher": file_identity(cfg.teacher.weights) if Path(cfg.teacher.weights).is_file() else None})
-    rec = stage.done()
-    if rec is not None and (folder / "eval.json").is_file():
-        say(f"odsd eval: {folder} is up to date (done.json matches the model, shards and config); skipped")
-        summary = json.loads((folder / "eval.json").read_text())
-        _print(summary)
-        return summary
-    stage.start(cfg.to_dict())
+        hint = " (run `odsd distill` first)" if wpath == configured_student(cfg)[0] else ""
+        raise UserError(f"eval: model weights not found: {wpath}{hint}")
+    read_model_meta(wpath)  # UserError when not an odsd safetensors file
+    return Plan(cfg.stage_dir("eval"), cfg.section_dict("eval"),
+                {"weights": file_identity(wpath), "shards": [file_identity(p) for p in shards],
+                 "teacher": file_identity(cfg.teacher.weights) if Path(cfg.teacher.weights).is_file() else None},
+                {"weights": wpath, "shards": shards})
+
+
+def _reuse(plan: Plan, rec: dict) -> Optional[dict]:
+    """The finished run's eval.json (done.json keeps it without the per-class accuracies)."""
+    try:
+        return json.loads((plan.folder / "eval.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
+    """Evaluate the model and the teacher; writes eval.json; the record."""
     t0 = time.perf_counter()
+    wpath, shards = plan.work["weights"], plan.work["shards"]
     model, meta = load_model(wpath)
     with progress(total=_count_entries(shards), desc="odsd eval", unit="img") as bar:
         res = evaluate_model(model, meta, shards, cfg.eval.batch_size, bar=bar)
         bar.total = bar.n  # the images that were labelled and readable
-        teacher = _teacher_accuracy(cfg, shards, folder, bar)
+        teacher = _teacher_accuracy(cfg, shards, plan.folder, bar)
     summary = {
         "weights": str(wpath), "arch": meta.get("arch"), "top1": res["top1"], "n": res["n"],
         "per_class": res["per_class"], "skipped": res["skipped"],
@@ -119,13 +126,11 @@ def run_eval(cfg: Config, weights: Optional[str] = None) -> dict:
         "method": meta.get("method"), "steps": meta.get("steps"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    atomic_write_json(folder / "eval.json", summary)
-    stage.finish({k: v for k, v in summary.items() if k not in ("per_class", "teacher_per_class")})
-    _print(summary)
+    atomic_write_json(plan.folder / "eval.json", summary)
     return summary
 
 
-def _print(s: dict) -> None:
+def print_summary(s: dict) -> None:
     line = f"odsd eval: {s.get('arch')} top-1 {100 * s['top1']:.2f}% on {s['n']} images"
     if s.get("teacher_top1") is not None:
         line += f"; teacher {100 * s['teacher_top1']:.2f}%"
@@ -134,3 +139,17 @@ def _print(s: dict) -> None:
     if pc:
         print("  per class: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in pc.items() if v is not None),
               file=sys.stderr)
+
+
+STAGE = Stage("eval", "eval", inputs=configured_student, plan=plan, run=_run, output=lambda plan, s: s,
+              print_summary=print_summary, stored=without("per_class", "teacher_per_class"), reuse=_reuse)
+
+
+def evaluate(student: Path, cfg: Config) -> Result:
+    """Model weights -> the eval record (`Result.output`, what eval.json holds)."""
+    return run_stage(STAGE, cfg, student)
+
+
+def run_eval(cfg: Config, weights: Optional[str] = None) -> dict:
+    """`odsd eval`: `weights` (default: the distilled student) on eval.shards; the record."""
+    return evaluate(Path(weights), cfg).summary if weights else run_configured(STAGE, cfg)

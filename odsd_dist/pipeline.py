@@ -1,4 +1,4 @@
-"""`odsd run`: score -> sample -> distill -> eval from one config, and nothing else.
+"""`odsd run`: score -> sample -> distill -> eval from one config, each stage's output the next one's input.
 
 Every check that needs no stage output runs first, so a bad key or path in any section fails with exit
 code 2 before any Ray work. Each stage skips itself when its done.json matches its inputs and config,
@@ -10,14 +10,17 @@ import sys
 import time
 
 from .config import Config, expand_paths
-from .console import detail, log_path, stage_log
+from .console import detail, log_path, say
+from .distill import check_config, distill
 from .errors import UserError
+from .evaluate import evaluate
+from .runner import Result
+from .sample import sample
+from .score import configured_shards, score
 
 
 def check_all(cfg: Config) -> None:
     """Stage-independent checks of every section `odsd run` will use (no Ray)."""
-    from .distill import check_config
-
     expand_paths(cfg.score.shards, "score.shards")
     if not cfg.eval.shards:
         raise UserError("eval.shards: no labelled evaluation shards configured (odsd run ends with eval)")
@@ -26,22 +29,29 @@ def check_all(cfg: Config) -> None:
 
 
 def run_all(cfg: Config) -> dict:
-    from .distill import run_distill
-    from .evaluate import run_eval
-    from .sample import run_sample
-    from .score import run_score
-
+    """score -> sample -> distill -> eval, each stage's output passed to the next as its input."""
     check_all(cfg)
+    for key, value in (("sample.scores", cfg.sample.scores), ("distill.selection", cfg.distill.selection)):
+        if value:
+            say(f"odsd run: {key} is for a stage run on its own; odsd run feeds each stage the one before's "
+                "output")
     t0 = time.perf_counter()
     out: dict = {"stage_seconds": {}}
-    for name, fn in (("score", run_score), ("sample", run_sample), ("distill", run_distill), ("eval", run_eval)):
+
+    def stage(name: str, fn, given) -> Result:
         detail(f"=== odsd run: {name} ===")
         ts = time.perf_counter()
-        with stage_log(cfg.out, name):
-            out[name] = fn(cfg)
+        res = fn(given, cfg)
+        out[name] = res.summary
         out["stage_seconds"][name] = round(time.perf_counter() - ts, 1)
+        return res
+
+    (shards,) = configured_shards(cfg)
+    scores = stage("score", score, shards)
+    selection = stage("sample", sample, scores.output)
+    model = stage("distill", distill, selection.output.table)
+    ev = stage("eval", evaluate, model.output).output
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    ev = out["eval"] or {}
     student, teacher = ev.get("top1"), ev.get("teacher_top1")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in out["stage_seconds"].items())
     lines = [f"odsd run: finished in {out['seconds']:.0f} s ({times})"]

@@ -1,9 +1,28 @@
 """Starting or joining Ray from the `ray` config section, the same way for every stage."""
 from __future__ import annotations
 
+import math
 import os
+from typing import Optional
 
-from .config import RayConfig
+from pydantic import Field
+
+from .section import Section
+
+
+class RayConfig(Section):
+    """The `ray` config section. Beside `init_ray` rather than in config.py, so that the stage runner can
+    start Ray without importing the top-level config (which imports the stage packages' configs)."""
+
+    address: Optional[str] = None  # None: start a local Ray; "auto" or ray://...: join a running cluster
+    num_cpus: Optional[int] = Field(None, ge=1)
+    namespace: str = "odsd"
+    include_dashboard: bool = False
+
+
+def threads_for(threads: int | None, cpus: float) -> int:
+    """Torch threads of a process that reserved `cpus` Ray CPUs: `threads` when set, else the CPUs rounded up."""
+    return threads or max(1, math.ceil(cpus))
 
 
 def use_parquet_v1(ctx) -> bool:
@@ -11,8 +30,8 @@ def use_parquet_v1(ctx) -> bool:
 
     Every Parquet read of odsd (the sampling passes, the distill epoch feed) goes through here. V2, the
     default in Ray 2.60, lists files in extra tasks and starts a pool of footer-reader actors, each a new
-    worker process, for every read: tens of seconds per sampling pass of a few thousand rows and ~8 s per
-    distill epoch pass on a 2-core host.
+    worker process, for every read: seconds that dwarf the read itself on odsd's tables (docs/BENCHMARKS.md,
+    design notes).
     """
     old = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False

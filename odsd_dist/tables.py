@@ -84,7 +84,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _tmp_path(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
     """A fresh temporary file beside `path`, with the permissions a plain open() would give."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, _FILE_MODE)
@@ -96,7 +96,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -114,8 +114,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def parquet_options(schema: pa.Schema) -> dict:
     """zstd; dictionary encoding only where it can pay (not on float columns: Parquet's dictionary attempt
-    on a score table's 64 float16 features per row made writing ~2.5x and reading ~2x slower); float
-    columns byte-stream-split (their bytes grouped by significance: zstd packs them tighter)."""
+    on a score table's float16 features made writing and reading slower, docs/BENCHMARKS.md, design notes);
+    float columns byte-stream-split (their bytes grouped by significance: zstd packs them tighter)."""
     dictionary, split = [], []
     for field in schema:
         t = field.type
@@ -134,7 +134,7 @@ def write_table(table: pa.Table, path: str | os.PathLike, meta: Optional[dict] =
     path.parent.mkdir(parents=True, exist_ok=True)
     if meta is not None:
         table = with_meta(table, meta)
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f, **parquet_options(table.schema))

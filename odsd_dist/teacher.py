@@ -7,6 +7,7 @@ after every epoch makes a killed run resumable; the same config and seed give th
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -17,9 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from .config import Config, TeacherTrainConfig, expand_paths
 from .console import detail, progress, say, verbose
 from .errors import UserError
+from .models import build_model, load_model, normalize, read_model_meta, save_model, weights_sha256
+from .runner import Plan, Result, Stage, run_configured, run_stage, without
+from .shards.labelled import load_labelled
 from .stage import StageOutput, file_identity
 from .tables import atomic_write_json
 
@@ -31,8 +38,6 @@ CHECKPOINT = "teacher_checkpoint.safetensors"
 def load_split(paths: list[str], size: int, channels: int, key: str,
                progress: bool = True) -> tuple[np.ndarray, np.ndarray, Optional[list[str]]]:
     """Decode labelled shards into (uint8 N×H×W×C, int64 N, class names or None); empty is a UserError naming `key`."""
-    from .shards.labelled import load_labelled
-
     stats: dict = {}
     images, labels, names = load_labelled(paths, size, channels, progress=progress, stats=stats)
     if len(labels) == 0:
@@ -102,8 +107,6 @@ def make_optimizer(model: torch.nn.Module, tc: TeacherTrainConfig) -> torch.opti
 def predict(model: torch.nn.Module, images: np.ndarray, meta: dict, batch_size: int = 512,
             channels_last: bool = True) -> np.ndarray:
     """Argmax predictions (int64) for uint8 N×H×W×C images, batch by batch."""
-    from .models import normalize
-
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
@@ -126,10 +129,6 @@ def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, met
 # ----------------------------------------------------------------------------- checkpoint
 
 def _save_checkpoint(path: Path, model, opt, epoch: int, fingerprint: str, history: list) -> None:
-    from safetensors.torch import save_file
-
-    import json
-
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
@@ -144,11 +143,6 @@ def _save_checkpoint(path: Path, model, opt, epoch: int, fingerprint: str, histo
 
 def _load_checkpoint(path: Path, model, opt, fingerprint: str) -> Optional[tuple[int, list]]:
     """(epochs done, history) when `path` is a checkpoint of this exact run, else None (start over)."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if not path.is_file():
         return None
     try:
@@ -170,25 +164,18 @@ def _load_checkpoint(path: Path, model, opt, fingerprint: str) -> Optional[tuple
 
 # ----------------------------------------------------------------------------- training
 
-def _resolve_inputs(cfg: Config) -> tuple[list[str], list[str], Path, Path]:
+def configured_shards(cfg: Config) -> tuple[list[str]]:
+    """The labelled shards `teacher_train.shards` names (a stage run on its own)."""
     tc = cfg.teacher_train
     if not tc.shards:
         raise UserError("teacher_train.shards: no labelled shards given")
-    train = expand_paths(tc.shards, "teacher_train.shards")
-    val = expand_paths(tc.val_shards, "teacher_train.val_shards") if tc.val_shards else []
-    weights = Path(cfg.teacher.weights)
-    if weights.suffix != ".safetensors":
-        raise UserError(f"teacher.weights: {weights} must end in .safetensors")
-    out = Path(tc.out) if tc.out else weights.parent
-    return train, val, weights, out
+    return (expand_paths(tc.shards, "teacher_train.shards"),)
 
 
 def _check_init(tc) -> Optional[dict]:
     """Metadata of `teacher_train.init` (UserError naming the key when unusable), or None."""
     if not tc.init:
         return None
-    from .models import read_model_meta
-
     path = Path(tc.init)
     if not path.is_file():
         raise UserError(f"teacher_train.init: no such file {path}")
@@ -202,25 +189,37 @@ def _check_init(tc) -> Optional[dict]:
     return meta
 
 
-def train_teacher(cfg: Config) -> dict:
-    """Train `teacher_train.arch` on `teacher_train.shards`; write `teacher.weights`; return the summary."""
-    from .models import build_model, normalize, save_model, weights_sha256
-
+def plan(cfg: Config, shards: list[str]) -> Plan:
+    """Validate the inputs, the weights path, the arch and `init` before decoding anything."""
     tc = cfg.teacher_train
-    train_paths, val_paths, weights, out = _resolve_inputs(cfg)
+    val = expand_paths(tc.val_shards, "teacher_train.val_shards") if tc.val_shards else []
+    weights = Path(cfg.teacher.weights)
+    if weights.suffix != ".safetensors":
+        raise UserError(f"teacher.weights: {weights} must end in .safetensors")
     build_model(tc.arch, 2, tc.channels)  # unknown arch -> UserError before decoding anything
     section = tc.model_dump(mode="json")
     for k in ("progress", "resume", "threads", "eval_batch_size", "val_every"):
         section.pop(k)  # do not change the weights
     init_meta = _check_init(tc)
-    stage = StageOutput(out, "teacher_train", {"teacher_train": section, "seed": cfg.seed, "weights": str(weights)},
-                        {"shards": [file_identity(p) for p in train_paths],
-                         "init_sha256": weights_sha256(Path(tc.init)) if tc.init else None})
-    done = stage.done()
-    if done and weights.is_file() and done["summary"].get("weights_sha256") == weights_sha256(weights):
-        print(f"teacher: {weights} is already trained with this config and data (done.json); nothing to do")
-        return done["summary"]
+    return Plan(Path(tc.out) if tc.out else weights.parent,
+                {"teacher_train": section, "seed": cfg.seed, "weights": str(weights)},
+                {"shards": [file_identity(p) for p in shards],
+                 "init_sha256": weights_sha256(Path(tc.init)) if tc.init else None},
+                {"train": list(shards), "val": val, "weights": weights, "init_meta": init_meta})
 
+
+def _reuse(plan: Plan, rec: dict) -> Optional[dict]:
+    """done.json's summary while the weights it names are still the ones it trained."""
+    weights = plan.work["weights"]
+    ok = weights.is_file() and rec["summary"].get("weights_sha256") == weights_sha256(weights)
+    return rec["summary"] if ok else None
+
+
+def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
+    """Train `teacher_train.arch` on the shards; write `teacher.weights`; the report."""
+    tc = cfg.teacher_train
+    train_paths, val_paths = plan.work["train"], plan.work["val"]
+    weights, init_meta = plan.work["weights"], plan.work["init_meta"]
     threads = tc.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     t_start = time.time()
@@ -250,8 +249,6 @@ def train_teacher(cfg: Config) -> dict:
     model = build_model(tc.arch, num_classes, tc.channels)
     fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
     if init_meta:
-        from .models import load_model
-
         if int(init_meta["num_classes"]) != num_classes:
             raise UserError(f"teacher_train.init: {tc.init} has {init_meta['num_classes']} classes, "
                             f"the shards have {num_classes}")
@@ -263,7 +260,6 @@ def train_teacher(cfg: Config) -> dict:
     bs = min(tc.batch_size, n)
     steps_per_epoch = n // bs  # drop the ragged last batch: BN statistics stay sane
     total_steps = steps_per_epoch * tc.epochs
-    stage.folder.mkdir(parents=True, exist_ok=True)
     ckpt = stage.folder / CHECKPOINT
     first_epoch, history = 0, []
     if tc.resume:
@@ -271,7 +267,6 @@ def train_teacher(cfg: Config) -> dict:
         if got:
             first_epoch, history = got
             say(f"odsd teacher train: resuming after epoch {first_epoch} from {ckpt}")
-    stage.start(cfg.to_dict())
 
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels)
@@ -342,14 +337,13 @@ def train_teacher(cfg: Config) -> dict:
         "val_acc": None if val_acc is None else round(val_acc, 4), "val_samples": 0 if val is None else len(val[1]),
         "resumed_from_epoch": first_epoch or None,
     }
-    stage.finish(summary)
-    if ckpt.exists():
-        ckpt.unlink()
-    _print_summary(summary, names, per_class)
-    return summary
+    ckpt.unlink(missing_ok=True)  # the weights are saved: a rerun needs no checkpoint
+    # the printed summary's extras; done.json keeps the rest
+    return summary | {"class_names": names, "val_per_class": per_class}
 
 
-def _print_summary(s: dict, names: list[str], per_class: Optional[list[float]]) -> None:
+def print_summary(s: dict) -> None:
+    names, per_class = s.get("class_names"), s.get("val_per_class")
     lines = [f"odsd teacher train: {s['arch']}, {s['num_classes']} classes -> {s['weights']} "
              f"(sha256 {s['weights_sha256'][:12]})",
              f"  {s['train_samples']} training images, {s['epochs']} epochs x batch {s['batch_size']}; "
@@ -361,3 +355,18 @@ def _print_summary(s: dict, names: list[str], per_class: Optional[list[float]]) 
         if per_class:
             lines.append("  val per class: " + ", ".join(f"{n} {a:.2f}" for n, a in zip(names, per_class)))
     print("\n".join(lines))
+
+
+STAGE = Stage("teacher_train", "teacher train", inputs=configured_shards, plan=plan, run=_run,
+              output=lambda plan, s: plan.work["weights"], print_summary=print_summary,
+              stored=without("class_names", "val_per_class"), reuse=_reuse)
+
+
+def train(shards: list[str], cfg: Config) -> Result:
+    """Labelled shards -> the teacher (`Result.output`, teacher.weights)."""
+    return run_stage(STAGE, cfg, shards)
+
+
+def train_teacher(cfg: Config) -> dict:
+    """`odsd teacher train`: on the shards `teacher_train.shards` names; the summary."""
+    return run_configured(STAGE, cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "tests")):  # import odsd_dist and tests/fixtures without installing
+for p in (str(ROOT), str(ROOT / "tests")):  # import odsd_dist, bench.synth and tests/fixtures without installing
     if p not in sys.path:
         sys.path.insert(0, p)
 

@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from odsd_dist.shards.build import POOL_SIDECAR, ShardWriter, build_from_arrays, encode_image
+from odsd_dist.shards.build import POOL_SIDECAR, build_from_arrays, encode_image
+from odsd_dist.shards.writer import ShardWriter
 
 PALETTE = [(230, 40, 40), (40, 200, 60), (50, 80, 240), (240, 220, 40), (200, 60, 220),
            (40, 220, 220), (250, 140, 30), (255, 255, 255), (120, 70, 20), (150, 150, 150)]

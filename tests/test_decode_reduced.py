@@ -28,9 +28,10 @@ def _save(im: Image.Image, fmt: str, **kw) -> bytes:
 def test_reduced_jpeg_decodes_at_a_dct_scale_and_matches_the_full_decode():
     data = _save(Image.fromarray(_photo(640, 480)), "JPEG", quality=90)
     im = load_for_size(open_image(data, "jpg", load=False), 32, 3, reduced=True)
-    assert im.size == (80, 60)  # 1/8: the smallest scale with both sides >= 32
+    assert im.size == (160, 120)  # 1/4: the smallest scale with both sides >= 2 x 32 (REDUCED_MARGIN)
+    assert load_for_size(open_image(data, "jpg", load=False), 16, 3, reduced=True).size == (80, 60)  # 1/8
     assert load_for_size(open_image(data, "jpg", load=False), 32, 3, reduced=False).size == (640, 480)
-    assert load_for_size(open_image(data, "jpg", load=False), 256, 3, reduced=True).size == (640, 480)  # < 2x: full
+    assert load_for_size(open_image(data, "jpg", load=False), 128, 3, reduced=True).size == (640, 480)  # < 4x: full
     a = decode_image(data, "jpg", 32, reduced=True).astype(np.int16)
     b = decode_image(data, "jpg", 32, reduced=False).astype(np.int16)
     assert a.shape == b.shape == (32, 32, 3)

@@ -44,12 +44,12 @@ def distill_inputs(tmp_path_factory, pool_shards, labelled_shards) -> dict:
             "pool": pool_shards["paths"], "eval": labelled_shards["paths"], "n": n}
 
 
-def _cfg(inp: dict, out: Path, **distill):
+def _cfg(inp: dict, out: Path, seed: int = 0, **distill):
     d = {"student": "resnet8", "method": "odsd", "selection": inp["selection"], "workers": 2, "worker_cpus": 0.5,
          "data_cpus": 0.25, "threads": 1, "zero_stage": 2, "batch_size": 8, "steps": 8, "checkpoint_every": 3,
          "max_failures": 2, "log_every": 1, "eval_batch_size": 64}
     d.update(distill)
-    return build_config({"seed": 0, "out": str(out), "teacher": {"weights": inp["teacher"]},
+    return build_config({"seed": seed, "out": str(out), "teacher": {"weights": inp["teacher"]},
                          "score": {"shards": inp["pool"]}, "eval": {"shards": inp["eval"]}, "distill": d})
 
 
@@ -85,6 +85,57 @@ def test_method_option_errors_exit_2_before_ray(distill_inputs, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
     assert not (tmp_path / "distill").exists()  # failed before the stage wrote anything (or started Ray)
+
+
+# --- which rows each worker trains on, and their augmentation: pure functions (no Ray) -------------------
+
+def _rows_by_step(spec: dict, sizes: list[int], start: int, rank: int) -> dict:
+    """{step: row ids of `rank`'s batch} from `start` to the end, pass after pass, as the loop asks for them."""
+    from odsd_dist.distill.data import pass_items
+
+    out, s, bs = {}, start, spec["batch_size"]
+    while s < spec["total_steps"]:
+        items, end = pass_items(spec, sizes, s, rank)
+        rows = np.concatenate([np.frombuffer(it["rows"], np.int64) for it in items])
+        assert len(rows) == (end - s) * bs  # whole steps, equal on every rank
+        out.update({s + k: rows[k * bs:(k + 1) * bs].tolist() for k in range(end - s)})
+        s = end
+    return out
+
+
+def test_rows_per_worker_and_step_are_a_function_of_seed_epoch_rank():
+    sizes = [10, 7, 13, 10]  # row groups of uneven size: 40 rows, 5 steps of 4 per worker per epoch
+    spec = {"seed": 0, "steps_per_epoch": 5, "total_steps": 12, "batch_size": 4, "epochs_per_pass": 2,
+            "augment": {"shuffle_buffer": 12}, "aug_batch_rows": 6}
+    runs = {r: _rows_by_step(spec, sizes, 0, r) for r in (0, 1)}
+    assert runs[0] == _rows_by_step(spec, sizes, 0, 0)  # pure: the same plan every time
+    for e in range(2):
+        seen = [x for r in (0, 1) for s in range(5 * e, 5 * e + 5) for x in runs[r][s]]
+        assert len(seen) == len(set(seen)) == 40  # each row once per epoch, over both workers
+    assert runs[0][0] != runs[0][5]  # every epoch its own order
+    for start in (3, 7, 10, 11):  # a resume at any step takes exactly the rest of the straight run
+        for r in (0, 1):
+            assert _rows_by_step(spec, sizes, start, r) == {s: v for s, v in runs[r].items() if s >= start}
+    assert _rows_by_step(spec | {"seed": 1}, sizes, 0, 0) != runs[0]
+
+
+def test_row_augmentation_ignores_batch_cuts():
+    """A row's views depend on (seed, epoch, its idx) only: not on its batch, its place in it, or the cut."""
+    from odsd_dist.distill.augment import augment_batch
+    from odsd_dist.distill.config import AugmentConfig
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8), "idx": np.arange(100, 110),
+             "weight": np.ones(10, np.float32)}
+    kw = dict(views=2, aug=AugmentConfig(), mean=[0.5] * 3, std=[0.25] * 3)
+    whole = augment_batch(batch, seed=(0, 3), **kw)
+    order = np.array([7, 2, 9, 0, 5, 1, 8, 3, 6, 4])
+    for cut in (order[:3], order[3:]):
+        part = augment_batch({k: v[cut] for k, v in batch.items()}, seed=(0, 3), **kw)
+        for k in ("weak", "view0", "view1"):
+            np.testing.assert_array_equal(part[k], whole[k][cut])
+    other = augment_batch(batch, seed=(0, 4), **kw)
+    assert not np.array_equal(other["view0"], whole["view0"]) and not np.array_equal(other["weak"], whole["weak"])
 
 
 # --- ZeRO 1-3 against ZeRO-0 ---------------------------------------------------------------------------
@@ -210,11 +261,11 @@ def _check_student(folder: Path, history: dict, eval_paths: list[str], method: s
 @pytest.fixture(scope="module")
 def train_data(ray_local, distill_inputs) -> Path:
     """The materialised training data (distill/data.materialise), made once and copied into each run's folder."""
-    from odsd_dist.distill import _plan
+    from odsd_dist.distill import STAGE
     from odsd_dist.distill.data import materialise
 
     cfg = _cfg(distill_inputs, distill_inputs["root"] / "data_run")
-    plan = _plan(cfg)
+    plan = STAGE.plan(cfg, *STAGE.inputs(cfg)).work
     folder = distill_inputs["root"] / "train_data"
     tmeta = plan["teacher_meta"]
     rec = materialise(folder, selection=plan["selection"], shard_paths=plan["shard_paths"],
@@ -233,11 +284,87 @@ def _seed_train_data(cfg, train_data: Path) -> Path:
     return folder
 
 
+def _losses(folder: Path) -> dict:
+    """{step: every loss term} from a finished run's history.json (log_every=1: one entry per step)."""
+    return {h["step"]: h["loss"] for h in json.loads((folder / "history.json").read_text())["history"]}
+
+
+def _same_student(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(a / "student.safetensors"), load_file(b / "student.safetensors")
+    return sa.keys() == sb.keys() and all(sa[k].equal(sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def straight_run(ray_local, distill_inputs, train_data, tmp_path_factory) -> Path:
+    """An uninterrupted `odsd distill` run (seed 0, 8 steps, 2 workers): the reference for reproducibility."""
+    from odsd_dist.distill import run_distill
+
+    cfg = _cfg(distill_inputs, tmp_path_factory.mktemp("straight"), steps=8)
+    folder = _seed_train_data(cfg, train_data)
+    run_distill(cfg)
+    return folder
+
+
+def test_same_seed_same_student(ray_local, distill_inputs, train_data, straight_run, tmp_path):
+    """Two runs with one config and seed train on the same rows in the same (worker, step) order with the
+    same augmentations: every logged loss term and the student's weights are bit-identical; another seed
+    gives other ones."""
+    from odsd_dist.distill import run_distill
+
+    cfg = _cfg(distill_inputs, tmp_path / "again", steps=8)
+    folder = _seed_train_data(cfg, train_data)
+    run_distill(cfg)
+    assert _losses(folder) == _losses(straight_run) and len(_losses(folder)) == 8
+    assert _same_student(folder, straight_run)
+    # another seed, 2 steps (Ray Train start-up is the cost): step 1's terms come before any update
+    cfg = _cfg(distill_inputs, tmp_path / "seed1", seed=1, steps=2, eval_every_epoch=False)
+    other = _seed_train_data(cfg, train_data)
+    run_distill(cfg)
+    a, b = _losses(other)[1], _losses(straight_run)[1]
+    assert a.keys() == b.keys() and all(a[k] != b[k] for k in a)
+
+
+def test_local_feed_equals_ray_data_feed(ray_local, train_data):
+    """Both feeds hand every rank the same batches, bit for bit (and no rank a row another rank has that
+    epoch), from the start of a run and from a resume mid-epoch."""
+    import ray  # noqa: F401  (the local cluster of ray_local)
+    import torch
+
+    from odsd_dist.distill.config import AugmentConfig
+    from odsd_dist.distill.data import local_pass, pass_dataset, train_index
+
+    units = train_index(str(train_data))
+    rows = sum(n for *_, n in units)
+    spec = {"seed": 3, "batch_size": 8, "workers": 2, "steps_per_epoch": rows // 16, "total_steps": 3 * (rows // 16),
+            "epochs_per_pass": 2, "augment": AugmentConfig(shuffle_buffer=16).model_dump(mode="json"), "views": 2,
+            "aug_batch_rows": 24, "mean": [0.5] * 3, "std": [0.25] * 3, "data_cpus": 0.25}
+
+    def ray_data(start, rank):
+        ds, end = pass_dataset(spec, units, start, rank)
+        return list(ds.iter_torch_batches(batch_size=8, drop_last=True)), end
+
+    for start in (0, spec["steps_per_epoch"] + 2):
+        seen = []
+        for rank in (0, 1):
+            local, end = local_pass(spec, units, start, rank)
+            local = list(local)
+            remote, end2 = ray_data(start, rank)
+            assert end == end2 == min(spec["total_steps"], (start // spec["steps_per_epoch"] + 2) * spec["steps_per_epoch"])
+            assert len(local) == len(remote) == end - start
+            for a, b in zip(local, remote):
+                assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
+            seen.append(torch.cat([b["weak"].flatten(1) for b in local[:spec["steps_per_epoch"] - start % spec["steps_per_epoch"]]]))
+        assert not any((seen[0][:, None] == seen[1][None]).all(-1).any(1))  # disjoint within the epoch
+
+
 @pytest.mark.parametrize("method,stage", [("odsd", 2), ("mosaickd", 3), ("kd3", 0)])
-def test_worker_kill_resumes_from_checkpoint(ray_local, distill_inputs, train_data, tmp_path, method, stage):
+def test_worker_kill_resumes_from_checkpoint(ray_local, distill_inputs, train_data, tmp_path, method, stage, request):
     """A worker SIGKILLed mid-run: the group restarts from the latest checkpoint, with the method's own state
     (MosaicKD's generator, discriminator, their Adam states and step counters), and finishes; every term
-    the method returns is in history.json."""
+    the method returns is in history.json; for ODSD the restarted group took exactly the batches the
+    uninterrupted run took."""
     import torch
 
     from odsd_dist.distill import run_distill
@@ -271,6 +398,10 @@ def test_worker_kill_resumes_from_checkpoint(ray_local, distill_inputs, train_da
         assert st["aux"]["generator"]["optimizer"]["state"], "the generator's Adam state was not saved"
     else:
         assert not state_file.exists()  # heads train inside the engine: nothing beside its checkpoint
+    if method == "odsd":  # the restarted workers took exactly the batches the uninterrupted run took
+        straight = request.getfixturevalue("straight_run")
+        assert _losses(folder) == _losses(straight)
+        assert _same_student(folder, straight)
     # a rerun with nothing changed is skipped
     assert run_distill(cfg)["steps"] == 8
 

@@ -13,8 +13,10 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from bench.synth import make_score_tables
 from fixtures import make_pool_shards, make_teacher, wait_for
-from odsd_dist.config import load_config
+from odsd_dist.config import build_config, load_config
+from odsd_dist.sample import run_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SHARDS = 5
@@ -174,10 +176,6 @@ def test_full_disk_then_rerun(pool, teacher, reference, tmp_path):
 def test_kill_sample_driver_then_rerun(tmp_path, ray_local):
     """kill -9 of `odsd sample` while its Ray tasks run: no half-written selection; the rerun's selection
     is byte-identical to an uninterrupted run's."""
-    from odsd_dist.config import build_config
-    from odsd_dist.sample import run_sample
-    from odsd_dist.sample.synth import make_score_tables
-
     scores = tmp_path / "scores" / "score"
     make_score_tables(scores, rows=20_000, num_classes=10, feature_dim=16, shards=4, seed=1)
     sets = {"seed": 5, "sample.method": "aps", "sample.n": 1000, "sample.scores": str(scores),

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.synth import make_score_tables, synthetic_class_map
 from odsd_dist.cli import main
 from odsd_dist.config import build_config
-from odsd_dist.report.sampling import CIFAR10_CLASSES, CIFAR10_TINYIMAGENET, load_class_map, near_neighbour_precision
-from odsd_dist.sample.synth import make_score_tables, synthetic_class_map
+from odsd_dist.report.classmap import CIFAR10_CLASSES, CIFAR10_TINYIMAGENET, load_class_map
+from odsd_dist.report.precision import near_neighbour_precision
 
 
 def _chromium() -> str | None:

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.synth import make_score_tables
 from odsd_dist.cli import main
 from odsd_dist.config import build_config
-from odsd_dist.sample.blocks import key_uniform
+from odsd_dist.sample.keyhash import key_uniform
 from odsd_dist.sample.quota import class_quotas
-from odsd_dist.sample.synth import make_score_tables
 from odsd_dist.sample.targets import low_noise_targets
 from odsd_dist.sample.topk import CLS, RANK, TopKMerger, per_class_topq
 from odsd_dist.tables import SELECTION_SCHEMA, read_meta, score_schema, write_table
@@ -160,6 +160,26 @@ def test_method(ray_local, tmp_path, scores, method, capsys):
             assert mp[mask & (pr == k)].min() >= mp[~mask & (pr == k)].max()
     if method == "entropy-high":
         assert t.column("score").to_numpy().min() > 0.3
+
+
+def test_a_registered_baseline_is_a_sampling_method(ray_local, tmp_path, scores):
+    """One `register(...)` makes a new baseline a `sample.method` (here: the least confident N/C per class)."""
+    from odsd_dist.sample import baselines, run_sample
+    from odsd_dist.sample.columns import col_np
+
+    baselines.register("minprob", baselines.Ranker(True, (), lambda b, seed: -col_np(b, "maxprob", np.float64)))
+    try:
+        s = run_sample(_cfg(tmp_path, scores, "minprob"))
+    finally:
+        del baselines.RANKERS["minprob"]
+    t, _ = _check_selection(tmp_path / "sample" / "selection.parquet", "minprob", N)
+    assert s["selected"] == N
+    pool = pa.concat_tables([pq.read_table(f, columns=["key", "pred", "maxprob"]) for f in sorted((scores / "scores").glob("*.parquet"))])
+    sel = set(t.column("key").to_pylist())
+    mask = np.array([k in sel for k in pool.column("key").to_pylist()])
+    mp, pr = pool.column("maxprob").to_numpy(), pool.column("pred").to_numpy()
+    for k in (0, 5):  # nothing rejected is less confident than a selected row of its class
+        assert mp[mask & (pr == k)].max() <= mp[~mask & (pr == k)].min()
 
 
 def test_aps_knobs_and_kmeans(ray_local, tmp_path, scores):

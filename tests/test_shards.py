@@ -17,6 +17,7 @@ from odsd_dist.shards import (Damaged, ShardReadError, decode_batch, decode_imag
                               pick_image, verify_shards)
 from odsd_dist.shards.build import build_from_arrays, build_from_folder
 from odsd_dist.shards.labelled import iter_labelled_batches
+from odsd_dist.shards.writer import MTIME, ShardWriter, TarWriter
 
 DATA = Path(__file__).parent / "data"
 
@@ -202,6 +203,30 @@ def test_build_from_arrays_roundtrip_grey(tmp_path):
         assert Path(a).read_bytes() == Path(b).read_bytes()
     with pytest.raises(UserError, match="already holds shards"):
         build_from_arrays(images, labels, tmp_path / "out", progress=False)
+
+
+def test_tar_writer_fixed_headers_atomic_and_abort(tmp_path):
+    import tarfile
+
+    sample = {"__key__": "k1", "__url__": "x", "txt": b"hello", "cls": b"3"}
+    with TarWriter(tmp_path / "a.tar") as tar:
+        tar.add_sample(sample)
+        assert not (tmp_path / "a.tar").exists()  # written under a temporary name until closed
+    with TarWriter(tmp_path / "b.tar") as tar:
+        tar.add_sample(dict(reversed(list(sample.items()))))
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        members = tf.getmembers()
+    assert [m.name for m in members] == ["k1.cls", "k1.txt"]  # suffix order, `__` fields left out
+    assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == {(MTIME, 0o644, 0, 0, "", "")}
+    with pytest.raises(RuntimeError), TarWriter(tmp_path / "c.tar") as tar:
+        tar.add("k.txt", b"x")
+        raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "b.tar"]  # aborted: nothing left behind
+    w = ShardWriter(tmp_path / "rolled", None, shard_size=2)  # no sidecar
+    for i in range(3):
+        w.add_sample({"__key__": f"{i:09d}", "txt": b"%d" % i})
+    assert [Path(p).name for p in w.close()] == ["00000.tar", "00001.tar"] and w.samples == 3
 
 
 def test_build_from_folder_labelled_and_flat(tmp_path):

@@ -29,11 +29,6 @@ def say(msg: str) -> None:
     print(f"quality: {msg}", file=sys.stderr, flush=True)
 
 
-def _q(path) -> str:
-    """A path as `--set` text that YAML reads back as the same string."""
-    return json.dumps(str(path))
-
-
 def _yaml_value(v) -> str:
     """A value as `--set` text (YAML flow style), so lists and booleans survive parse_override."""
     return json.dumps(v) if not isinstance(v, str) else v
@@ -120,8 +115,9 @@ class Setup:
     teacher_summary: Optional[dict] = None
 
 
-def _cfg(base: dict, overrides) -> Config:
-    return build_config(base, list(overrides))
+def _cfg(base: dict, overrides=(), **values) -> Config:
+    """The base config with typed values (dotted keys spelled with `__` for `.`) and a row's `--set` texts."""
+    return build_config(base, list(overrides), {k.replace("__", "."): v for k, v in values.items()})
 
 
 def prepare(qc: QualityConfig) -> Setup:
@@ -139,13 +135,13 @@ def prepare(qc: QualityConfig) -> Setup:
     if qc.teacher.train:
         from odsd_dist.teacher import train_teacher
 
-        sets = []
+        sets = {}
         if not cfg0.teacher_train.shards:
-            sets.append(f"teacher_train.shards={json.dumps(expand_paths(qc.data.train, 'data.train'))}")
+            sets["teacher_train__shards"] = expand_paths(qc.data.train, "data.train")
         if not cfg0.teacher_train.val_shards:  # progress only; the teacher's settings come from the config
-            sets.append(f"teacher_train.val_shards={json.dumps(splits['val'])}")
+            sets["teacher_train__val_shards"] = splits["val"]
         say(f"training the teacher -> {teacher}")
-        teacher_summary = train_teacher(_cfg(base, sets))
+        teacher_summary = train_teacher(_cfg(base, **sets))
     if not Path(teacher).is_file():
         raise UserError(f"odsd.teacher.weights: {teacher} not found (set teacher.train: true to train it)")
     read_model_meta(teacher)
@@ -169,7 +165,7 @@ def prepare(qc: QualityConfig) -> Setup:
         from odsd_dist.score import run_score
 
         score_dir = str(out / "score")
-        score_summary = run_score(_cfg(base, [f"score.out={_q(score_dir)}"]))
+        score_summary = run_score(_cfg(base, score__out=score_dir))
     return Setup(out, base, splits, teacher, sha, score_dir, pool, score_summary, teacher_summary)
 
 
@@ -191,27 +187,24 @@ def run_one(setup: Setup, row: Row, extra: tuple[str, ...], seed: int, test: boo
     from odsd_dist.distill import run_distill
 
     folder = setup.out / "runs" / row.name / f"{run_id(row, extra)}-s{seed}"
-    common = [f"seed={seed}", f"teacher.weights={_q(setup.teacher)}", f"score.shards={json.dumps(setup.pool)}",
-              f"eval.shards={json.dumps(setup.splits['val'])}", "distill.eval_every_epoch=true",
-              f"distill.out={_q(folder / 'distill')}",
-              "distill.keep_checkpoints=100000"]  # a runtime key: keeps the best-validation epoch's checkpoint
+    common = dict(seed=seed, teacher__weights=str(setup.teacher), score__shards=setup.pool,
+                  eval__shards=setup.splits["val"], distill__eval_every_epoch=True,
+                  distill__out=str(folder / "distill"),
+                  distill__keep_checkpoints=100000)  # a runtime key: keeps the best-validation epoch's checkpoint
     overrides = list(row.set) + list(extra)
     rec: dict = {"row": row.name, "seed": seed, "overrides": overrides, "folder": str(folder)}
     t0 = time.perf_counter()
     if row.source == "pool":
-        cfg = _cfg(setup.base, common + overrides)
-        sdir = _sample_dir(setup, cfg)
-        cfg = _cfg(setup.base, common + overrides + [f"sample.scores={_q(setup.score_dir)}", f"sample.out={_q(sdir)}",
-                                                      "distill.source=selection",
-                                                      f"distill.selection={_q(sdir / 'selection.parquet')}"])
+        sdir = _sample_dir(setup, _cfg(setup.base, overrides, **common))
+        cfg = _cfg(setup.base, overrides, **common, sample__scores=str(setup.score_dir), sample__out=str(sdir),
+                   distill__source="selection", distill__selection=str(sdir / "selection.parquet"))
         from odsd_dist.sample import run_sample
 
         say(f"[{row.name} seed {seed}] sample: {cfg.sample.method} -> {sdir}")
         s = run_sample(cfg)
         rec["sample"] = {k: s.get(k) for k in ("method", "n", "selected", "pool_rows", "per_class", "seconds")}
     else:
-        cfg = _cfg(setup.base, common + overrides + ["distill.source=shards",
-                                                     f"distill.shards={json.dumps(setup.splits['train'])}"])
+        cfg = _cfg(setup.base, overrides, **common, distill__source="shards", distill__shards=setup.splits["train"])
         rec["sample"] = None
     say(f"[{row.name} seed {seed}] distill: {cfg.distill.method} ({cfg.distill.source}) -> {folder / 'distill'}")
     d = run_distill(cfg)
@@ -290,8 +283,8 @@ def evaluate_test(setup: Setup, cfg: Config, folder: Path, rec: dict) -> dict:
             return old["result"]
     except (FileNotFoundError, json.JSONDecodeError):
         pass
-    ecfg = _cfg(setup.base, [f"teacher.weights={_q(setup.teacher)}", f"eval.shards={json.dumps(setup.splits['test'])}",
-                             f"eval.out={_q(setup.out / 'test_eval')}"])
+    ecfg = _cfg(setup.base, teacher__weights=str(setup.teacher), eval__shards=setup.splits["test"],
+                eval__out=str(setup.out / "test_eval"))
     t0 = time.perf_counter()
     last = run_eval(ecfg, weights=str(weights))
     res = {"last": last["top1"], "n": last["n"], "teacher": last.get("teacher_top1"),

@@ -1,26 +1,27 @@
 """Cutting a validation split out of the original training split (METHODS.md §5: tune on it, never on test).
 
 The cut is class-stratified by label (read from KEY.cls / KEY.json, images are not decoded), seeded,
-and written as new WebDataset tars that copy each sample's members byte for byte (keys kept), plus
-classes.json, so every stage reads them like any labelled shards. Done once: a marker records the
-inputs and settings, and a rerun with the same ones reuses the folders.
+and written by the project's tar writer (odsd_dist.shards.writer) as new WebDataset tars that copy each
+sample's members byte for byte (keys kept), plus classes.json, so every stage reads them like any
+labelled shards. Done once: a marker records the inputs and settings, and a rerun with the same ones
+reuses the folders.
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 import time
 from pathlib import Path
+
 import numpy as np
 
 from odsd_dist.config import expand_paths
 from odsd_dist.errors import UserError
+from odsd_dist.shards.labelled import read_class_names, sample_label
+from odsd_dist.shards.tario import iter_samples
+from odsd_dist.shards.writer import ShardWriter
 from odsd_dist.stage import file_identity, fingerprint
 from odsd_dist.tables import atomic_write_json
-
-MTIME = 1700000000
 
 
 def _quotas(counts: np.ndarray, total: int) -> np.ndarray:
@@ -35,9 +36,6 @@ def _quotas(counts: np.ndarray, total: int) -> np.ndarray:
 
 def _labels(paths: list[str]) -> tuple[list[str], np.ndarray, int]:
     """(keys, labels (-1: none), unlabelled count) of every sample, in tar order."""
-    from odsd_dist.shards.labelled import sample_label
-    from odsd_dist.shards.tario import iter_samples
-
     keys, labels = [], []
     for p in paths:
         for s in iter_samples(p, errors=[]):
@@ -46,35 +44,6 @@ def _labels(paths: list[str]) -> tuple[list[str], np.ndarray, int]:
             labels.append(-1 if lab is None or lab < 0 else int(lab))
     y = np.asarray(labels, np.int64)
     return keys, y, int((y < 0).sum())
-
-
-class _TarOut:
-    """Deterministic tars 00000.tar, 00001.tar ... of `shard_size` samples each (members copied)."""
-
-    def __init__(self, folder: Path, shard_size: int):
-        self.folder, self.shard_size = folder, shard_size
-        folder.mkdir(parents=True, exist_ok=True)
-        self.index, self.count, self.tar, self.n = 0, 0, None, 0
-
-    def add(self, sample: dict) -> None:
-        if self.tar is None:
-            self.tar = tarfile.open(self.folder / f"{self.index:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
-        for suffix, data in sorted(sample.items()):
-            if suffix.startswith("__") or not isinstance(data, (bytes, bytearray)):
-                continue
-            info = tarfile.TarInfo(f"{sample['__key__']}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), MTIME, 0o644
-            info.uname = info.gname = ""
-            self.tar.addfile(info, io.BytesIO(data))
-        self.count += 1
-        self.n += 1
-        if self.count == self.shard_size:
-            self.close()
-
-    def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            self.tar, self.count, self.index = None, 0, self.index + 1
 
 
 def cut_splits(data, folder: Path) -> dict:
@@ -101,10 +70,24 @@ def cut_splits(data, folder: Path) -> dict:
         return {"train": rec["train"], "val": val_given or rec["val"], "test": test, "cut": True, **rec["counts"]}
 
     t0 = time.perf_counter()
-    from odsd_dist.shards.labelled import read_class_names
-    from odsd_dist.shards.tario import iter_samples
-
     keys, y, unlabelled = _labels(train)
+    want = _choose(keys, y, data, cut_val=val_given is None)
+    counts = _write(train, want, folder, data.shard_size, cut_val=val_given is None)
+    result = {"train": sorted(str(p) for p in (folder / "train").glob("*.tar"))}
+    result["val"] = val_given or sorted(str(p) for p in (folder / "val").glob("*.tar"))
+    n_counts = {"train_images": counts["train"], "val_images": counts.get("val"),
+                "unlabelled_skipped": unlabelled, "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(marker, {"fingerprint": fp, "settings": settings, "train": result["train"],
+                               "val": result["val"], "counts": n_counts})
+    print(f"quality: cut {n_counts['val_images'] if 'val' in counts else 'no'} validation and "
+          f"{n_counts['train_images']} training images from data.train into {folder} "
+          f"({n_counts['seconds']:.1f} s)", flush=True)
+    return {**result, "test": test, "cut": True, **n_counts}
+
+
+def _choose(keys: list[str], y: np.ndarray, data, cut_val: bool) -> dict[str, str]:
+    """{key: "train" | "val"} of the images to keep: a class-stratified, seeded validation cut (when
+    `cut_val`), then the rest capped at `data.train_size`, class-stratified too."""
     labelled = np.flatnonzero(y >= 0)
     if len(labelled) < 2:
         raise UserError(f"data.train: {len(labelled)} labelled images; need at least 2 to cut a validation split")
@@ -113,7 +96,7 @@ def cut_splits(data, folder: Path) -> dict:
     rng = np.random.default_rng(data.split_seed)
     order = {k: rng.permutation(np.flatnonzero(y == k)) for k in range(c)}
     is_val = np.zeros(len(y), bool)
-    if val_given is None:
+    if cut_val:
         n_val = data.val_size if isinstance(data.val_size, int) else int(round(data.val_size * len(labelled)))
         if not 1 <= n_val < len(labelled):
             raise UserError(f"data.val_size: {n_val} validation images out of {len(labelled)} labelled training images")
@@ -127,18 +110,21 @@ def cut_splits(data, folder: Path) -> dict:
             keep[[i for i in order[k] if not is_val[i]][:q]] = True
     else:
         keep[rest] = True
-    want = {keys[i]: ("val" if is_val[i] else "train") for i in range(len(y)) if is_val[i] or keep[i]}
+    return {keys[i]: ("val" if is_val[i] else "train") for i in range(len(y)) if is_val[i] or keep[i]}
 
+
+def _write(train: list[str], want: dict[str, str], folder: Path, shard_size: int, cut_val: bool) -> dict[str, int]:
+    """Copy the chosen samples into `<folder>/train` (and `/val`), built beside it and swapped in; images per split."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    outs = {"train": _TarOut(tmp / "train", data.shard_size)}
-    if val_given is None:
-        outs["val"] = _TarOut(tmp / "val", data.shard_size)
+    outs = {"train": ShardWriter(tmp / "train", None, shard_size)}  # members copied, no sidecar
+    if cut_val:
+        outs["val"] = ShardWriter(tmp / "val", None, shard_size)
     for p in train:
         for s in iter_samples(p, errors=[]):
             split = want.get(f"{Path(p).name}/{s['__key__']}")
             if split is not None:
-                outs[split].add(s)
+                outs[split].add_sample(s)
     names = read_class_names(train)
     for split, o in outs.items():
         o.close()
@@ -150,13 +136,4 @@ def cut_splits(data, folder: Path) -> dict:
     for split in outs:
         (tmp / split).rename(folder / split)
     shutil.rmtree(tmp, ignore_errors=True)
-    result = {"train": sorted(str(p) for p in (folder / "train").glob("*.tar"))}
-    result["val"] = val_given or sorted(str(p) for p in (folder / "val").glob("*.tar"))
-    n_counts = {"train_images": outs["train"].n, "val_images": outs["val"].n if "val" in outs else None,
-                "unlabelled_skipped": unlabelled, "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(marker, {"fingerprint": fp, "settings": settings, "train": result["train"],
-                               "val": result["val"], "counts": n_counts})
-    print(f"quality: cut {n_counts['val_images'] if 'val' in outs else 'no'} validation and "
-          f"{n_counts['train_images']} training images from data.train into {folder} "
-          f"({n_counts['seconds']:.1f} s)", flush=True)
-    return {**result, "test": test, "cut": True, **n_counts}
+    return {split: o.samples for split, o in outs.items()}

@@ -16,15 +16,28 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..console import detail, progress, say, worker_lines
-from ..paths import expand_paths
-from ..errors import UserError
-from ..stage import StageOutput, file_identity
+import pyarrow.parquet as pq
+import torch
 
+from ..console import detail, progress, say, worker_lines
+from ..errors import UserError
+from ..models import ARCHS, build_model, read_model_meta, weights_sha256
+from ..paths import expand_paths
+from ..raytools import threads_for
+from ..runner import Plan, Result, Stage, run_configured, run_stage
+from ..stage import StageOutput, file_identity
+from ..tables import atomic_write_json, read_meta
+from .config import RUNTIME_KEYS
+from .data import epoch_feed, materialise, resolve_pool_shards
+from .methods import Dims, method_class, registry
+
+# config.py imports this package's config (distill/config.py), so the top-level Config is for annotations
+# only here; ray.train, DeepSpeed (loop.py) and the teacher cache stay inside the functions that use them:
+# this package is imported by every config load, and those add seconds to every `odsd` command's start.
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["check_config", "run_distill"]
+__all__ = ["check_config", "distill", "run_distill"]
 
 
 def check_config(cfg: Config) -> dict:
@@ -34,9 +47,6 @@ def check_config(cfg: Config) -> dict:
     Returns {"method": class, "teacher_meta": dict, "shards": [...], "eval_shards": [...]} (the expanded
     distill.shards for source=shards, and eval.shards when evaluated every epoch; else []).
     """
-    from ..models import ARCHS, build_model, read_model_meta
-    from .methods import method_class, registry
-
     d = cfg.distill
     mcls = method_class(d.method)  # its options were validated with the config
     if d.student not in ARCHS and not d.student.startswith("timm:"):
@@ -49,8 +59,6 @@ def check_config(cfg: Config) -> dict:
     mcls.check(getattr(d.options, d.method), method_dims(tmeta, student.feature_dim, int(tmeta["feature_dim"])),
                student)
     if d.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available() and cfg.ray.address is None:
             raise UserError("distill.device=cuda but no CUDA device is visible (set distill.device=cpu)")
     if d.teacher_outputs == "cached" and not mcls.cached_teacher:
@@ -82,26 +90,28 @@ def check_config(cfg: Config) -> dict:
 
 def method_dims(tmeta: dict, student_dim: int, teacher_dim: int):
     """The sizes a method builds its modules from (methods/base.Dims), from the teacher's metadata."""
-    from .methods import Dims
-
     c = int(tmeta["in_chans"])
     return Dims(student_dim, teacher_dim, int(tmeta["num_classes"]), int(tmeta["input_size"]), c,
                 tuple(tmeta.get("mean") or [0.0] * c), tuple(tmeta.get("std") or [1.0] * c))
 
 
-def _plan(cfg: Config) -> dict:
-    """Validate the config and inputs (no Ray); returns what the run needs."""
-    from ..models import weights_sha256
-    from ..tables import read_meta
-    from .config import RUNTIME_KEYS
+def configured_selection(cfg: Config) -> tuple[Path]:
+    """The selection `distill.selection` names, else the sample stage's (a stage run on its own)."""
+    d = cfg.distill
+    return (Path(d.selection) if d.selection else cfg.stage_dir("sample") / "selection.parquet",)
 
+
+def plan(cfg: Config, selection: Path | None) -> Plan:
+    """Validate the config and inputs (no Ray); the Plan's work is what the run needs.
+
+    `selection` is what the student trains on with distill.source=selection; unused with source=shards."""
     d = cfg.distill
     checked = check_config(cfg)
     mcls, tmeta = checked["method"], checked["teacher_meta"]
     tpath = Path(cfg.teacher.weights)
-    selection, shard_paths = None, []
+    shard_paths = []
     if d.source == "selection":
-        selection = Path(d.selection) if d.selection else cfg.stage_dir("sample") / "selection.parquet"
+        selection = Path(selection)
         if not selection.is_file():
             raise UserError(f"distill: selection not found: {selection} (run `odsd sample` first, or set distill.selection)")
         for w in mcls.selection_warnings(getattr(d.options, d.method), read_meta(selection)):
@@ -110,16 +120,12 @@ def _plan(cfg: Config) -> dict:
         if not pool:
             raise UserError("distill.pool_shards (or score.shards): the pool shards the selection was drawn from")
         pool_paths = expand_paths(pool, "distill.pool_shards" if d.pool_shards else "score.shards")
-        import pyarrow.parquet as pq
-
-        from .data import resolve_pool_shards
-
         wanted = sorted(set(pq.read_table(selection, columns=["shard"]).column("shard").to_pylist()))
         if not wanted:
             raise UserError(f"distill: the selection {selection} is empty")
         shard_paths = resolve_pool_shards(wanted, pool_paths)
     else:
-        shard_paths = checked["shards"]
+        selection, shard_paths = None, checked["shards"]
     eval_shards = checked["eval_shards"]
     config = {k: v for k, v in cfg.section_dict("distill").items() if k not in RUNTIME_KEYS and k != "out"}
     sha = weights_sha256(tpath)
@@ -127,27 +133,17 @@ def _plan(cfg: Config) -> dict:
               "selection": file_identity(selection) if selection else None,
               "shards": [file_identity(p) for p in shard_paths],
               "eval_shards": [file_identity(p) for p in eval_shards]}
-    return {"method": mcls, "teacher_meta": tmeta, "teacher_sha256": sha, "selection": selection,
-            "shard_paths": shard_paths, "eval_shards": eval_shards, "config": config, "inputs": inputs}
+    return Plan(cfg.stage_dir("distill"), config, inputs,
+                {"method": mcls, "teacher_meta": tmeta, "teacher_sha256": sha, "selection": selection,
+                 "shard_paths": shard_paths, "eval_shards": eval_shards})
 
 
-def run_distill(cfg: Config) -> dict:
+def _run(cfg: Config, run_plan: Plan, stage: StageOutput) -> dict:
     """Materialise the training data, run the TorchTrainer, write student.safetensors + history.json."""
-    plan = _plan(cfg)
     d = cfg.distill
-    folder = cfg.stage_dir("distill")
-    stage = StageOutput(folder, "distill", plan["config"], plan["inputs"])
-    rec = stage.done()
-    if rec is not None:
-        _print_summary(rec["summary"], skipped=True)
-        return rec["summary"]
-    stage.start(cfg.to_dict())
+    folder, plan = run_plan.folder, run_plan.work
     t0 = time.perf_counter()
 
-    from ..raytools import init_ray
-    from .data import epoch_feed, materialise
-
-    init_ray(cfg.ray)
     _check_resources(d)
     tmeta = plan["teacher_meta"]
     size, chans = int(tmeta["input_size"]), int(tmeta["in_chans"])
@@ -166,7 +162,7 @@ def run_distill(cfg: Config) -> dict:
             pad=d.augment.weak_pad, flip=d.augment.flip, size=size)
         cache = build_teacher_cache(cache_dir, train_dir, cache_inputs, weights=str(Path(cfg.teacher.weights).resolve()),
                                     batch_size=c.batch_size, actor_cpus=c.actor_cpus,
-                                    threads=c.threads or max(1, int(-(-c.actor_cpus // 1))), device=d.device)
+                                    threads=threads_for(c.threads, c.actor_cpus), device=d.device)
         detail(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
                f"({cache['seconds']:.0f} s)")
         train_dir = cache_dir
@@ -176,7 +172,7 @@ def run_distill(cfg: Config) -> dict:
         raise UserError(f"distill: {rows} training images are fewer than workers x batch_size = "
                         f"{d.workers} x {d.batch_size}")
     total = d.steps if d.steps is not None else d.epochs * spe
-    threads = d.threads or max(1, int(-(-d.worker_cpus // 1)))
+    threads = threads_for(d.threads, d.worker_cpus)
     student_meta = {k: tmeta[k] for k in ("input_size", "mean", "std", "class_names") if k in tmeta}
     student_meta.update({"arch": d.student, "num_classes": tmeta["num_classes"], "in_chans": tmeta["in_chans"]})
     spec = {
@@ -192,7 +188,7 @@ def run_distill(cfg: Config) -> dict:
     }
     detail(f"odsd distill: {rows} images, {d.workers} workers x batch {d.batch_size}, {spe} steps/epoch, "
            f"{total} steps, ZeRO-{d.zero_stage} {d.dtype} on {d.device}, method {d.method}")
-    spec["feed"] = epoch_feed({k: v for k, v in spec.items() if k != "feed"})
+    spec["feed"] = epoch_feed(spec) if d.feed == "ray_data" else None
     result = _fit(cfg, spec, stage.fingerprint, folder)
     history = _collect(result, folder)
     summary = {
@@ -203,8 +199,6 @@ def run_distill(cfg: Config) -> dict:
         "samples_per_s": _mean_sps(history), "seconds": round(time.perf_counter() - t0, 1),
         "weights": str(folder / "student.safetensors"),
     }
-    stage.finish(summary)
-    _print_summary(summary)
     return summary
 
 
@@ -276,8 +270,6 @@ def _on_worker_line(line: str, bar, epochs: int) -> None:
 
 def _collect(result, folder: Path) -> dict:
     """Copy the student and the loop state out of the final checkpoint; write history.json."""
-    from ..tables import atomic_write_json
-
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as ck:
@@ -295,12 +287,25 @@ def _mean_sps(history: dict) -> float | None:
     return round(sum(vals) / len(vals), 2) if vals else None
 
 
-def _print_summary(s: dict, skipped: bool = False) -> None:
-    head = "odsd distill: already done (inputs and config unchanged); skipped" if skipped else "odsd distill: done"
-    lines = [head, f"  {s['method']} -> {s['student']} ({s['weights']}): {s['steps']} steps ({s.get('epochs')} epochs), "
+def print_summary(s: dict) -> None:
+    lines = ["odsd distill: done", f"  {s['method']} -> {s['student']} ({s['weights']}): {s['steps']} steps ({s.get('epochs')} epochs), "
                    f"ZeRO-{s['zero_stage']} {s['dtype']} x {s['workers']} workers"]
     if s.get("last_top1") is not None:
         lines.append(f"  eval top-1: last {100 * s['last_top1']:.2f}%  best {100 * s['best_top1']:.2f}%")
     if s.get("samples_per_s"):
         lines.append(f"  throughput {s['samples_per_s']:.1f} samples/s; resumes from checkpoints: {s['resumes']}")
     print("\n".join(lines), file=sys.stderr)
+
+
+STAGE = Stage("distill", "distill", inputs=configured_selection, plan=plan, run=_run,
+              output=lambda plan, s: Path(s["weights"]), print_summary=print_summary, needs_ray=True)
+
+
+def distill(selection: Path | None, cfg: Config) -> Result:
+    """A selection table -> the student (`Result.output`, student.safetensors)."""
+    return run_stage(STAGE, cfg, selection)
+
+
+def run_distill(cfg: Config) -> dict:
+    """`odsd distill`: on the selection the config names; the summary."""
+    return run_configured(STAGE, cfg)

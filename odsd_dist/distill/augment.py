@@ -2,8 +2,9 @@
 
 One `grid_sample` per view does the random-resized crop, the flip and the pad-crop for the whole
 batch at once (per-sample affine grids); colour jitter is per-sample factors on the batch tensor.
-Randomness comes from a seed built from (run seed, epoch, pass, first row id of the batch), so an
-epoch's augmentations are reproducible and differ from epoch to epoch.
+Randomness is per row: row i's numbers are a hash of (run seed, epoch, its idx, draw number)
+(`RowRandom`), so a row gets the same augmentation whatever batch it lands in, wherever Ray Data cuts
+the batches, and a different one in every epoch.
 """
 from __future__ import annotations
 
@@ -96,19 +97,66 @@ def normalise(y: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (y / 255.0 - m) / s
 
 
-def batch_rng(seed: Sequence[int], first_row: int) -> np.random.Generator:
-    return np.random.default_rng([int(s) & 0xFFFFFFFF for s in seed] + [int(first_row) & 0xFFFFFFFF])
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_VIEW_TAG = 0x7C_AC4E  # keeps the stored-view pick independent of the augmentation draws
+_MASK = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class RowRandom:
+    """The part of np.random.Generator the views draw from (`random`, `uniform`, `integers`, each with
+    size = batch rows), counter-based per row: draw d of row i is a hash of (row key i, d), vectorised.
+
+    A Generator drawing for a whole batch would make a row's numbers depend on its batch's first row and
+    on its position in the batch, i.e. on where Ray Data cuts batches (not reproducible, and a resumed
+    run would cut them elsewhere).
+    """
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.asarray(keys, np.uint64)
+        self.draws = 0
+
+    def random(self, n: int) -> np.ndarray:
+        if n != len(self.keys):
+            raise ValueError(f"RowRandom draws one number per row: asked {n}, has {len(self.keys)} rows")
+        self.draws += 1
+        with np.errstate(over="ignore"):
+            z = _mix64(self.keys + np.full(n, self.draws, np.uint64) * _GOLDEN)
+        return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))  # 53 random bits in [0, 1)
+
+    def uniform(self, low: float, high: float, n: int) -> np.ndarray:
+        return low + (high - low) * self.random(n)
+
+    def integers(self, low: int, high: int, n: int) -> np.ndarray:
+        """Integers in [low, high), like Generator.integers."""
+        return low + np.minimum((self.random(n) * (high - low)).astype(np.int64), high - low - 1)
+
+
+def row_rng(seed: Sequence[int], idx: np.ndarray) -> RowRandom:
+    """Per-row randomness for rows `idx` (their `idx` column) under `seed` (run seed, epoch)."""
+    with np.errstate(over="ignore"):
+        k = np.zeros(1, np.uint64)
+        for s in seed:
+            k = _mix64((k ^ np.uint64(int(s) & _MASK)) + _GOLDEN)
+        return RowRandom(_mix64((k ^ np.asarray(idx).astype(np.uint64)) + _GOLDEN))
 
 
 def augment_batch(batch: dict, *, views: int, aug, mean: Sequence[float], std: Sequence[float],
                   seed: Sequence[int]) -> dict:
-    """Ray Data UDF: {image uint8 N x H x W x C, idx, ...} -> {weak, view0.., float32 normalised NCHW, ...}.
+    """{image uint8 N x H x W x C, idx, ...} -> {weak, view0.., float32 normalised NCHW, ...}.
 
+    `seed` is (run seed, epoch): each row's augmentation is a function of it and the row's idx only.
     Other columns (weight, tgt_idx, tgt_prob, label) pass through; image and idx are dropped.
     """
     image = np.asarray(batch["image"])
     idx = np.asarray(batch["idx"])
-    rng = batch_rng(seed, int(idx[0]) if len(idx) else 0)
+    rng = row_rng(seed, idx)
     if not image.flags.writeable:  # Ray Data hands read-only views of its blocks; torch wants writable memory
         image = image.copy()
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2).float()
@@ -129,14 +177,8 @@ def cached_view(batch: dict, seed: Sequence[int], idx: np.ndarray) -> dict:
     {params (n, 3), t_idx (n, k) int64, t_val (n, k) float32 logits, t_feat (n, d) float32}."""
     params = np.asarray(batch["tc_params"])  # (n, K, 3)
     n, k_views = params.shape[:2]
-    h = np.asarray([zlib_hash(seed, int(i)) for i in idx], np.int64) % k_views
+    h = row_rng((*seed, _VIEW_TAG), idx).integers(0, k_views, n)
     rows = np.arange(n)
     return {"params": params[rows, h], "t_idx": np.asarray(batch["tc_idx"])[rows, h].astype(np.int64),
             "t_val": np.asarray(batch["tc_val"])[rows, h].astype(np.float32),
             "t_feat": np.asarray(batch["tc_feat"])[rows, h].astype(np.float32)}
-
-
-def zlib_hash(seed: Sequence[int], i: int) -> int:
-    import zlib
-
-    return zlib.crc32(np.asarray([*(int(s) & 0xFFFFFFFF for s in seed), i & 0xFFFFFFFF], np.uint32).tobytes())

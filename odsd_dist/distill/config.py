@@ -34,7 +34,9 @@ class AugmentConfig(Section):
     saturation: float = Field(0.4, ge=0)
     jitter_prob: float = Field(0.8, ge=0, le=1)
     weak_pad: int = Field(4, ge=0)  # the weak view (teacher; `kd`/`ce` student): flip + pad-crop
-    shuffle_buffer: int = Field(1024, ge=0)  # local shuffle buffer rows per worker (0: off)
+    # rows are shuffled within windows of whole train_data row groups of >= this many rows (0: row groups
+    # in a seeded order, rows in file order); one data task holds a window (distill/data.epoch_order)
+    shuffle_buffer: int = Field(1024, ge=0)
 
 
 class TeacherCacheConfig(Section):
@@ -86,6 +88,9 @@ class DistillConfig(Section):
     batch_size: int = Field(64, ge=2)  # per worker
     steps: Optional[int] = Field(None, ge=1)  # total optimizer steps (takes precedence over epochs)
     epochs: int = Field(10, ge=1)
+    # where each worker's batches are read and augmented: `local` (a thread in the training process) or
+    # `ray_data` (a Ray Data pipeline per worker, data_cpus per task); the same batches either way
+    feed: Literal["local", "ray_data"] = "local"
     epochs_per_pass: int = Field(8, ge=1)  # epochs streamed by one data pipeline before it is rebuilt
     checkpoint_every: int = Field(200, ge=1)  # steps; an epoch end also checkpoints
     keep_checkpoints: int = Field(2, ge=1)
@@ -119,5 +124,5 @@ class DistillConfig(Section):
 
 # Keys that change how a run is executed but not what it computes: left out of the stage fingerprint
 # so a rerun with, e.g., more allowed failures resumes the same run.
-RUNTIME_KEYS = ("channels_last", "max_failures", "log_every", "keep_checkpoints", "data_cpus", "worker_cpus", "threads",
+RUNTIME_KEYS = ("channels_last", "feed", "max_failures", "log_every", "keep_checkpoints", "data_cpus", "worker_cpus", "threads",
                 "eval_batch_size", "decode_batch_size")

@@ -4,12 +4,16 @@
    from their WebDataset shards, filtered to the selected keys, decoded and resized in map_batches,
    joined with their targets and weights, and written as Parquet into `<distill>/train_data/`
    (temporary folder, renamed, then a done marker: idempotent).
-2. `pass_dataset`: per epoch, read_parquet -> seeded block shuffle -> vectorised augmentation in
-   map_batches producing the views the method asks for; a pass unions several epochs (own seeds each)
-   so the pipeline is not restarted at every epoch.
-3. `EpochFeed`: a small actor that `streaming_split`s each pass's dataset into equal shards, one per
-   training worker; workers iterate their shard with `iter_torch_batches(drop_last=True)` and a
-   seeded local shuffle buffer.
+2. `epoch_order`: which row every (worker, step) trains on is a pure function of (seed, epoch, rank):
+   per epoch, train_data's row groups in a seeded order, rows shuffled within windows of whole row
+   groups (>= `augment.shuffle_buffer` rows), the sequence cut into `workers` equal parts of
+   steps_per_epoch x batch_size rows (the remainder is left out that epoch).
+3. `pass_dataset`: one worker's rows for one pass (the rest of the current epoch and up to
+   `epochs_per_pass` more) as a Ray Data dataset in a fixed order (preserve_order): items of up to
+   aug_batch_rows rows, each read by a task straight from its row groups and augmented there with
+   per-row seeds (augment.row_rng). A resume at any step takes exactly the rows (and augmentations)
+   the uninterrupted run would have taken from that step on.
+4. `EpochFeed`: a small actor holding train_data's row-group index, which plans each worker's pass.
 """
 from __future__ import annotations
 
@@ -147,6 +151,8 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
+    # the same rows in the same files on every run: the training order is planned on row positions (epoch_order)
+    ds.context.execution_options.preserve_order = True
     ds.write_parquet(str(tmp), min_rows_per_file=ROWS_PER_FILE)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
     os.replace(tmp, folder)
@@ -175,72 +181,224 @@ def _identity(p) -> dict:
     return {"path": os.path.abspath(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _epoch_part(spec: dict, epoch: int, start_step: int, steps: int):
-    """Rows for `steps` steps of `epoch` (all workers), starting at `start_step`, augmented with epoch-specific seeds."""
-    import ray
+def train_index(train_dir: str) -> list[tuple[str, int, int]]:
+    """(file, row group, rows) of train_data in a fixed order (sorted names): a row's id is its position."""
+    units = []
+    for path in sorted(Path(train_dir).glob("*.parquet")):
+        md = pq.ParquetFile(path).metadata
+        units += [(str(path), g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
+    return units
+
+
+def epoch_order(sizes: list[int], seed: int, epoch: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, window number of each) of every train_data row in `epoch`'s order.
+
+    Row groups (of `sizes` rows) come in a seeded order; consecutive ones are grouped into windows of
+    >= `window` rows whose rows are permuted together (window 0: each row group alone, in file order).
+    Reading whole row groups keeps a task's reads sequential; the windows mix rows across them.
+    """
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x0D5D])
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    rows, wins, cur = [], [], []
+
+    def close() -> None:
+        w = np.concatenate(cur)
+        rows.append(rng.permutation(w) if window else w)
+        wins.append(np.full(len(w), len(wins)))
+        cur.clear()
+
+    for u in rng.permutation(len(sizes)):
+        cur.append(np.arange(starts[u], starts[u + 1]))
+        if sum(map(len, cur)) >= window:
+            close()
+    if cur:
+        close()
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(wins)
+
+
+def pass_items(spec: dict, sizes: list[int], start_step: int, rank: int) -> tuple[list[dict], int]:
+    """(work items, end step) of `rank`'s pass starting at `start_step`: rows of consecutive steps, items
+    of at most `aug_batch_rows` rows of one window, {"epoch", "rows": int64 row ids as bytes}, in
+    training order. Small items keep data tasks short, so neither worker's pipeline holds the data CPUs
+    for long (a task reads its window's row groups whole: cheap for the small images distilled here)."""
+    spe, total, bs = spec["steps_per_epoch"], spec["total_steps"], spec["batch_size"]
+    end = min(total, (start_step // spe + spec["epochs_per_pass"]) * spe)
+    part = spe * bs  # each worker's rows per epoch: equal steps on every worker
+    items, s = [], start_step
+    while s < end:
+        e = s // spe
+        stop = min(end, (e + 1) * spe)
+        rows, wins = epoch_order(sizes, spec["seed"], e, spec["augment"]["shuffle_buffer"])
+        lo, hi = rank * part + (s - e * spe) * bs, rank * part + (stop - e * spe) * bs
+        rows, wins = rows[lo:hi], wins[lo:hi]
+        cuts = np.flatnonzero(np.diff(wins)) + 1
+        for frag in np.split(rows, cuts):
+            for c in range(0, len(frag), spec["aug_batch_rows"]):
+                items.append({"epoch": e, "rows": frag[c:c + spec["aug_batch_rows"]].astype(np.int64).tobytes()})
+        s = stop
+    return items, end
+
+
+class RowGroups:
+    """Reads train_data row groups, keeping the last `keep` (an item's window spans a few row groups
+    and the next items of one worker's pass come from the same window: read once, not once per item)."""
+
+    def __init__(self, keep: int = 0):
+        self.keep = keep
+        self.tables: dict[tuple[str, int], pa.Table] = {}
+        self.files: dict[str, pq.ParquetFile] = {}
+
+    def read(self, path: str, g: int) -> pa.Table:
+        t = self.tables.pop((path, g), None)
+        if t is None:
+            f = self.files.get(path) or self.files.setdefault(path, pq.ParquetFile(path))
+            t = f.read_row_group(int(g))
+        if self.keep:
+            self.tables[(path, g)] = t  # most recent last
+            while len(self.tables) > self.keep:
+                self.tables.pop(next(iter(self.tables)))
+        return t
+
+
+def _take_rows(units: list, rows: np.ndarray, groups: RowGroups) -> pa.Table:
+    """Rows `rows` (positions in train_data's fixed order) as one table, in that order."""
+    starts = np.concatenate([[0], np.cumsum([n for *_, n in units], dtype=np.int64)])
+    unit = np.searchsorted(starts, rows, side="right") - 1
+    used = np.unique(unit)  # read each row group once, however its rows are spread over the item
+    offset = np.zeros(len(units), np.int64)
+    tables, n = [], 0
+    for u in used:
+        path, g, size = units[u]
+        tables.append(groups.read(path, g))
+        offset[u], n = n, n + size
+    return pa.concat_tables(tables).take(pa.array(offset[unit] + rows - starts[unit]))
+
+
+def _read_augment(batch: dict, *, units: list, views: int, aug: dict, mean, std, seed: int, chunk: int,
+                  groups: Optional[RowGroups] = None):
+    """map_batches UDF on one work item: read its row groups, take its rows in order, augment, yield chunks."""
+    from ray.data.block import BlockAccessor
 
     from .augment import augment_batch
     from .config import AugmentConfig
 
-    seed = (spec["seed"], epoch, start_step)
-    ds = ray.data.read_parquet(spec["train_dir"], num_cpus=spec["data_cpus"])
-    ds = ds.randomize_block_order(seed=int(fingerprint(list(seed))[:8], 16))
-    ds = ds.limit(steps * spec["batch_size"] * spec["workers"])  # whole steps only; the remainder varies by seed
-    aug = AugmentConfig.model_validate(spec["augment"])
-    return ds.map_batches(augment_batch, batch_format="numpy", batch_size=spec["aug_batch_rows"],
-                          num_cpus=spec["data_cpus"],
-                          fn_kwargs=dict(views=spec["views"], aug=aug, mean=spec["mean"], std=spec["std"], seed=seed))
+    aug = AugmentConfig.model_validate(aug)
+    epoch = int(batch["epoch"][0])
+    table = _take_rows(units, np.frombuffer(batch["rows"][0], np.int64), groups or RowGroups())
+    for c in range(0, table.num_rows, chunk):
+        part = BlockAccessor.for_block(table.slice(c, chunk)).to_batch_format("numpy")
+        yield augment_batch(part, views=views, aug=aug, mean=mean, std=std, seed=(seed, epoch))
 
 
-def pass_dataset(spec: dict, start_step: int):
-    """(dataset, end step) of one pass: the rest of the current epoch and up to `epochs_per_pass` more.
+def pass_dataset(spec: dict, units: list, start_step: int, rank: int):
+    """(dataset, end step) of `rank`'s pass from `start_step`: its rows in training order, augmented."""
+    import ray
 
-    Each epoch in the pass has its own seeded block order and augmentation seed (a union of per-epoch
-    parts), so a pass streams several epochs without restarting the pipeline, and a resume mid-epoch
-    (`start_step` inside an epoch) takes only the rows its remaining steps need, with a fresh seed.
-    """
-    spe, total = spec["steps_per_epoch"], spec["total_steps"]
-    end = min(total, (start_step // spe + spec["epochs_per_pass"]) * spe)
-    parts, s = [], start_step
-    while s < end:
-        e = s // spe
-        stop = min(end, (e + 1) * spe)
-        parts.append(_epoch_part(spec, e, s, stop - s))
-        s = stop
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    items, end = pass_items(spec, [n for *_, n in units], start_step, rank)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(_read_augment, batch_size=1, batch_format="numpy", num_cpus=spec["data_cpus"],
+                        fn_kwargs=dict(units=units, views=spec["views"], aug=spec["augment"], mean=spec["mean"],
+                                       std=spec["std"], seed=spec["seed"], chunk=spec["aug_batch_rows"]))
+    # the dataset carries its DataContext to the worker that iterates it
+    ds.context.execution_options.preserve_order = True  # training order is the items' order
+    ds.context.enable_progress_bars = False  # one bar per pass per worker is noise
     return ds, end
 
 
 class EpochFeedImpl:
-    """Hands each training worker its equal `streaming_split` shard of a pass's dataset.
+    """Plans each training worker's pass (pass_dataset) from train_data's row-group index, read once.
 
-    Workers ask with (start_step, rank): all ranks of a worker group ask for the same start step, so
-    the split is made once per pass; a rank asking twice for one start step means a restarted worker
-    group: a fresh split.
+    Stateless beyond the index: a worker asking for (start_step, rank) gets the same rows every time,
+    so a restarted worker group resumes on exactly the rows the failed one would have trained on.
     """
 
     def __init__(self, spec: dict):
-        import ray.data
-
-        from ..raytools import use_parquet_v1
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # one bar per pass per worker is noise
-        use_parquet_v1(ctx)  # this actor's own process: every pass it plans reads the train data with V1
         self.spec = spec
-        self.key = None
-        self.end = 0
-        self.splits: list = []
-        self.served: set[int] = set()
+        self.units = train_index(spec["train_dir"])
+        self.iters: dict[int, Any] = {}
 
     def split(self, start_step: int, rank: int):
-        """(this rank's DataIterator, the step at which the pass ends)."""
-        if start_step != self.key or rank in self.served:
-            ds, self.end = pass_dataset(self.spec, start_step)
-            self.splits = ds.streaming_split(self.spec["workers"], equal=True)
-            self.key, self.served = start_step, set()
-        self.served.add(rank)
-        return self.splits[rank], self.end
+        """(this rank's DataIterator, the step at which the pass ends).
+
+        A one-way streaming_split runs the pipeline in a coordinator actor of its own, in order, rather
+        than in the training process (whose Python thread it would share); kept here while in use.
+        """
+        ds, end = pass_dataset(self.spec, self.units, start_step, rank)
+        self.iters[rank] = ds.streaming_split(1, equal=False)[0]
+        return self.iters[rank], end
+
+
+def _to_torch(chunk: dict) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
+
+
+def _rebatch(chunks, bs: int):
+    """Chunks of any size (dicts of equal-length arrays) -> batches of exactly `bs` rows, in order."""
+    buf: list[dict] = []
+    have = 0
+    for c in chunks:
+        buf.append(c)
+        have += len(next(iter(c.values())))
+        while have >= bs:
+            cat = {k: np.concatenate([b[k] for b in buf]) if len(buf) > 1 else buf[0][k] for k in buf[0]}
+            yield {k: v[:bs] for k, v in cat.items()}
+            rest = {k: v[bs:] for k, v in cat.items()}
+            have -= bs
+            buf = [rest] if have else []
+
+
+def _window_groups(spec: dict, units: list) -> int:
+    """Row groups one shuffle window can span (epoch_order closes a window at >= shuffle_buffer rows)."""
+    smallest = min((n for *_, n in units), default=1) or 1
+    return max(2, -(-spec["augment"]["shuffle_buffer"] // smallest) + 1)
+
+
+def local_pass(spec: dict, units: list, start_step: int, rank: int, prefetch: int = 4):
+    """(batches, end step) of `rank`'s pass from `start_step`, made in the training process: the same
+    items as `pass_dataset`, read and augmented in order by one background thread that keeps up to
+    `prefetch` batches ready. Batches equal those of the Ray Data feed bit for bit."""
+    import queue
+    import threading
+
+    items, end = pass_items(spec, [n for *_, n in units], start_step, rank)
+    kw = dict(units=units, views=spec["views"], aug=spec["augment"], mean=spec["mean"], std=spec["std"],
+              seed=spec["seed"], chunk=spec["aug_batch_rows"], groups=RowGroups(keep=_window_groups(spec, units)))
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            chunks = (c for it in items for c in _read_augment({"epoch": [it["epoch"]], "rows": [it["rows"]]}, **kw))
+            for b in _rebatch(chunks, spec["batch_size"]):
+                if stop.is_set():
+                    return
+                q.put(_to_torch(b))
+            q.put(done)
+        except BaseException as e:  # handed to the training thread, which raises it
+            q.put(e)
+
+    threading.Thread(target=produce, name=f"odsd-feed-r{rank}", daemon=True).start()
+
+    def batches():
+        try:
+            while True:
+                b = q.get()
+                if b is done:
+                    return
+                if isinstance(b, BaseException):
+                    raise b
+                yield b
+        finally:
+            stop.set()
+            while not q.empty():  # unblock a producer waiting on a full queue
+                q.get_nowait()
+
+    return batches(), end
 
 
 def epoch_feed(spec: dict):

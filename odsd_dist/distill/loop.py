@@ -87,6 +87,7 @@ def train_loop(spec: dict) -> None:
     from ..metrics import ray_metric
     from ..models import build_model, load_model
     from .config import DistillConfig
+    from .data import local_pass, train_index
     from .engine import DistillModule, build_engine, full_student_state
     from . import method_dims
     from .methods import build_method
@@ -137,7 +138,8 @@ def train_loop(spec: dict) -> None:
     m_loss = ray_metric("odsd_distill_loss")
     m_stat = ray_metric("odsd_distill_stat")
     m_eval = ray_metric("odsd_eval_top1_ratio")
-    feed = spec["feed"]
+    feed = spec["feed"]  # None: the local feed (data.local_pass), planned from train_data's index read here
+    units = train_index(spec["train_dir"]) if feed is None else None
     out_dir = Path(spec["out_dir"])
     bs = dcfg.batch_size
 
@@ -190,13 +192,15 @@ def train_loop(spec: dict) -> None:
         write_pid()
     while state["step"] < total:
         pass_start = state["step"]
-        it, pass_end = ray.get(feed.split.remote(pass_start, rank))
+        # either feed hands exactly n_pass x bs rows in training order (data.pass_items): no shuffle here,
+        # batch k of the pass is step pass_start + k on every run
+        if feed is None:
+            batches, pass_end = local_pass(spec, units, pass_start, rank)
+        else:
+            it, pass_end = ray.get(feed.split.remote(pass_start, rank))
+            batches = it.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2)
         n_pass = pass_end - pass_start
-        seed = (spec["seed"] * 1000003 + pass_start * 31 + rank) & 0x7FFFFFFF
         done_in_pass = 0
-        batches = it.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2,
-                                        local_shuffle_buffer_size=dcfg.augment.shuffle_buffer or None,
-                                        local_shuffle_seed=seed if dcfg.augment.shuffle_buffer else None)
         for batch in batches:
             t0 = time.perf_counter()
             batch = _to_device(batch, device, dtype, dcfg.channels_last)

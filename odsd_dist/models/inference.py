@@ -5,10 +5,9 @@ graph and runs TorchScript's inference passes: BatchNorm folded into the precedi
 CPU the convolutions kept in oneDNN's blocked layout between layers. The classifier head stays eager:
 frozen, its oneDNN linear rounds a row differently depending on its position in the batch (1 ulp), and a
 row's scores must not depend on the batch Ray Data put it in (a resumed run writes the same table as an
-uninterrupted one; tests/test_models.py checks this). The math is the eager module's to float32 rounding
-(~2e-6 on ResNet-20 logits). On the 2-core reference machine the teacher forward is 1.5-1.7x faster for
-ResNet-20 at 32 px (docs/BENCHMARKS.md, scoring). A model that cannot be traced falls back to eager, with a
-warning; "eager" asks for the module as it is.
+uninterrupted one; tests/test_models.py checks this). The math is the eager module's to float32 rounding;
+on CPU the frozen forward is the faster (figures: docs/BENCHMARKS.md, design notes). A model that cannot be
+traced falls back to eager, with a warning; "eager" asks for the module as it is.
 """
 from __future__ import annotations
 

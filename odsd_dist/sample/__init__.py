@@ -1,28 +1,36 @@
 """The sample stage: score table -> selection table (APS or a baseline), METHODS.md §1.2-1.3, §4.
 
-`run_sample(cfg)` validates the score dir (UserError, exit 2, before any Ray work), skips a finished
-identical run (done.json), runs the method as Ray Data passes with memory O(C*d + N), writes
-`selection.parquet` sorted by (pred, key) with the config and teacher identity in its metadata,
-optionally reshards the selected images, and prints a one-screen summary.
+`sample(scores, cfg)` (on the runner: odsd_dist/runner.py) validates the score dir (UserError, exit 2,
+before any Ray work), skips a finished identical run (done.json), runs the method as Ray Data passes with
+memory O(C*d + N), writes `selection.parquet` sorted by (pred, key) with the config and teacher identity in
+its metadata, optionally reshards the selected images, and prints a one-screen summary.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..console import progress
+from ..metrics import prom_metric
+from ..runner import Plan, Result, Stage, run_configured, run_stage
 from ..stage import StageOutput
-from ..tables import SELECTION_SCHEMA, _tmp_path, parquet_options, with_meta, write_table
-from .blocks import PassTimer, col_np, count_scanned, run_pass
+from ..tables import SELECTION_SCHEMA, parquet_options, temp_path, with_meta, write_table
+from .aps import run_aps
+from .baselines import class_counts, run_baseline
+from .columns import col_np
 from .inputs import ScoreInput, open_scores
+from .passes import PassTimer, count_scanned, run_pass
+from .reshard import reshard, resolve_sources
 from .targets import low_noise_targets, to_list_array, topk_matrix
 
-__all__ = ["run_sample", "select", "build_selection"]
+__all__ = ["Selection", "build_selection", "run_sample", "sample", "select"]
 CLASSES_LISTED = 40  # the summary lists each class up to this many
 
 
@@ -61,7 +69,7 @@ def _all_block(batch: pa.Table, k: int, tau: float) -> pa.Table:
 
 def _write_all(inp: ScoreInput, sc, path: Path, meta: dict, timer: PassTimer) -> int:
     """`all`: stream every row, in score-table order (shard file, row), straight to the file."""
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     rows = 0
     writer = pq.ParquetWriter(tmp, with_meta(SELECTION_SCHEMA.empty_table(), meta).schema, **parquet_options(SELECTION_SCHEMA))
     try:
@@ -84,9 +92,6 @@ def _write_all(inp: ScoreInput, sc, path: Path, meta: dict, timer: PassTimer) ->
 
 def select(inp: ScoreInput, sc, seed: int, timer: PassTimer) -> tuple[pa.Table, dict]:
     """Run the configured method; (selection table sorted by (pred, key), info)."""
-    from .aps import run_aps
-    from .baselines import run_baseline
-
     if sc.method == "aps":
         cand, info = run_aps(inp.files, inp.rows, inp.num_classes, inp.feature_dim, sc.n, sc.aps, seed, sc.batch_rows, timer)
         by_score = sc.aps.weight_by_score
@@ -96,7 +101,8 @@ def select(inp: ScoreInput, sc, seed: int, timer: PassTimer) -> tuple[pa.Table, 
     return build_selection(cand, sc.targets.topk, sc.targets.tau, by_score), info  # candidates come in SELECTION_ORDER
 
 
-def _print_summary(s: dict, names: list[str]) -> None:
+def print_summary(s: dict) -> None:
+    names = s["class_names"]
     print(f"odsd sample: method={s['method']} selected={s['selected']:,} of pool={s['pool_rows']:,} "
           f"(N={s['n']:,}, C={len(names)})")
     quotas = s.get("quotas") if s.get("quotas") and len(s["quotas"]) == len(names) else [None] * len(names)
@@ -144,51 +150,48 @@ class _ProgressTimer(PassTimer):
             self.bar.close()
 
 
-def _export_metrics(per_class: list[int], names: list[str], seconds: float) -> None:
-    try:
-        from ..metrics import prom_metric
-
-        g = prom_metric("odsd_sample_selected_per_class")
-        for name, v in zip(names, per_class):
-            g.labels(cls=name).set(v)
-        prom_metric("odsd_sample_selection_seconds").set(seconds)
-    except Exception:  # metrics never fail a stage
-        pass
+def _export_metrics(s: dict) -> None:
+    g = prom_metric("odsd_sample_selected_per_class")
+    for name, v in zip(s["class_names"], s["per_class"]):
+        g.labels(cls=name).set(v)
+    prom_metric("odsd_sample_selection_seconds").set(s["seconds"])
 
 
-def run_sample(cfg) -> dict:
-    """The `odsd sample` stage. Returns its summary dict (also stored in done.json)."""
+@dataclass(frozen=True)
+class Selection:
+    """The sample stage's output: the selection table, and the selected images as shards when resharded."""
+
+    table: Path  # selection.parquet
+    images: Optional[Path] = None  # sample.reshard's folder of training shards, else None
+
+
+def configured_scores(cfg) -> tuple[Path]:
+    """The score folder `sample.scores` names, else the score stage's folder (a stage run on its own)."""
+    return (Path(cfg.sample.scores) if cfg.sample.scores else cfg.stage_dir("score"),)
+
+
+def plan(cfg, scores: Path) -> Plan:
+    """Validate the score folder (UserError, exit 2) and the reshard sources; no Ray."""
     sc = cfg.sample
-    score_dir = Path(sc.scores) if sc.scores else cfg.stage_dir("score")
-    inp = open_scores(score_dir)
-    out_dir = cfg.stage_dir("sample")
-    reshard_sources = None
-    if sc.reshard:
-        from .reshard import resolve_sources
-
-        reshard_sources = resolve_sources(sc.pool_shards or cfg.score.shards)
+    inp = open_scores(scores)
+    reshard_sources = resolve_sources(sc.pool_shards or cfg.score.shards) if sc.reshard else None
     section = {**cfg.section_dict("sample"), "seed": cfg.seed}
-    stage = StageOutput(out_dir, "sample", section,
-                        inputs={"scores": inp.identity(), "teacher_sha256": inp.teacher_sha256})
-    rec = stage.done()
-    if rec is not None:
-        print(f"odsd sample: {out_dir} is up to date (done.json matches inputs and config); skipped")
-        return rec["summary"]
-    stage.start(full_config=cfg.to_dict())
+    return Plan(cfg.stage_dir("sample"), section, {"scores": inp.identity(), "teacher_sha256": inp.teacher_sha256},
+                {"inp": inp, "scores": Path(scores), "reshard_sources": reshard_sources})
 
-    from ..raytools import init_ray
 
-    init_ray(cfg.ray)
+def _run(cfg, plan: Plan, stage: StageOutput) -> dict:
+    """Select, write selection.parquet (and reshard when asked); the summary."""
+    sc = cfg.sample
+    inp, reshard_sources = plan.work["inp"], plan.work["reshard_sources"]
     t0 = time.perf_counter()
     timer = _ProgressTimer()
-    path = out_dir / "selection.parquet"
-    meta = {"stage": "sample", "config": section, "teacher_sha256": inp.teacher_sha256,
+    path = plan.folder / "selection.parquet"
+    meta = {"stage": "sample", "config": plan.config, "teacher_sha256": inp.teacher_sha256,
             "num_classes": inp.num_classes, "class_names": inp.class_names, "method": sc.method,
-            "feature_dim": inp.feature_dim, "pool_rows": inp.rows, "scores": str(score_dir),
+            "feature_dim": inp.feature_dim, "pool_rows": inp.rows, "scores": str(plan.work["scores"]),
             "targets": {"topk": sc.targets.topk, "tau": sc.targets.tau}}
     if sc.method == "all":
-        from .baselines import class_counts
-
         counts = class_counts(inp.files, inp.num_classes, sc.batch_rows, timer, inp.rows)
         info = {"candidates": counts.tolist(), "quotas": counts.tolist()}
         meta.update(per_class=counts.tolist(), **info)
@@ -213,11 +216,24 @@ def run_sample(cfg) -> dict:
         "rounds": info.get("rounds"), "buffer_peak_rows": info.get("buffer_peak_rows"),  # the merge buffer (APS)
     }
     if reshard_sources is not None:
-        from .reshard import reshard
-
         sel = table if table is not None else pq.read_table(path, columns=["key", "shard", "url", "pred", "weight", "target_idx", "target_prob"])
         summary["reshard"] = reshard(sel, reshard_sources, Path(sc.reshard))
-    _export_metrics(per_class, inp.class_names, seconds)
-    stage.finish(summary)
-    _print_summary(summary, inp.class_names)
     return summary
+
+
+def _output(plan: Plan, s: dict) -> Selection:
+    return Selection(Path(s["selection"]), Path(s["reshard"]["folder"]) if s.get("reshard") else None)
+
+
+STAGE = Stage("sample", "sample", inputs=configured_scores, plan=plan, run=_run, output=_output,
+              print_summary=print_summary, needs_ray=True, metrics=_export_metrics)
+
+
+def sample(scores: Path, cfg) -> Result:
+    """A score folder -> the selection (`Result.output`, a `Selection`)."""
+    return run_stage(STAGE, cfg, scores)
+
+
+def run_sample(cfg) -> dict:
+    """`odsd sample`: on the score folder the config names; the summary (also stored in done.json)."""
+    return run_configured(STAGE, cfg)

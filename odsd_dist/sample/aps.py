@@ -28,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .blocks import (PassTimer, col_np, count_scanned, f64_chunks, features_f16, features_np, from_fixed, qsum,
-                     quantise, row_hash, run_pass)
+from .columns import col_np, f64_chunks, features_f16, features_np
+from .fixedpoint import from_fixed, qsum, quantise
+from .keyhash import row_hash
+from .passes import PassTimer, count_scanned, run_pass
 from .config import APSConfig
 from .quota import class_quotas
 from .topk import CLS, RANK, SELECTION_ORDER, TopKMerger, per_class_topq, with_rank

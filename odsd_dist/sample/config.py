@@ -7,11 +7,16 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..section import Section
+from .baselines import RANKERS
 
-METHODS = ("aps", "random", "balanced-random", "maxprob", "entropy-high", "all")
+OWN_METHODS = ("aps", "all")  # the others are the registered baselines (sample/baselines.RANKERS)
+
+
+def methods() -> tuple[str, ...]:
+    return OWN_METHODS[:1] + tuple(RANKERS) + OWN_METHODS[1:]
 
 
 class APSConfig(Section):
@@ -59,7 +64,7 @@ class TargetConfig(Section):
 
 
 class SampleConfig(Section):
-    method: Literal["aps", "random", "balanced-random", "maxprob", "entropy-high", "all"] = "aps"
+    method: str = "aps"  # methods(): aps, a registered baseline, or all
     n: int = Field(30_000, ge=1)  # images to select (ignored by `all`)
     aps: APSConfig = Field(default_factory=APSConfig)
     targets: TargetConfig = Field(default_factory=TargetConfig)
@@ -68,3 +73,10 @@ class SampleConfig(Section):
     reshard: Optional[str] = None  # folder: also write the selected images as new training shards
     pool_shards: list[str] = Field(default_factory=list)  # source tars for reshard (default: score.shards)
     out: Optional[str] = None
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in methods():
+            raise ValueError(f"unknown sampling method {v!r}; known: {', '.join(methods())}")
+        return v

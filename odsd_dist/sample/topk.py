@@ -102,9 +102,9 @@ class TopKMerger:
     def result(self, schema: Optional[pa.Schema] = None, sort_keys: Optional[list] = None) -> pa.Table:
         """The merged top-quota rows, sorted by `sort_keys` (default: class, rank desc, key).
 
-        The kept rows are copied out in buffer order first (a sequential take; a random-order take straight
-        from the ~100-chunk buffer was 2x slower: 1M rows 1.4 s), the buffer is let go, then they are put
-        in order: at most the buffer and one copy, or two copies, are held at once."""
+        The kept rows are copied out in buffer order first (a sequential take, faster than a random-order
+        take straight from the ~100-chunk buffer: docs/BENCHMARKS.md, design notes), the buffer is let go,
+        then they are put in order: at most the buffer and one copy, or two copies, are held at once."""
         if not self.parts:
             if schema is None:
                 raise ValueError("no candidates and no schema")

@@ -6,24 +6,34 @@ quarantine) written atomically with a ledger, so reruns skip finished shards.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import ray
+import ray.data
+
 from ..config import Config, expand_paths
 from ..console import progress, say
 from ..errors import UserError
+from ..metrics import prom_metric, serve_metrics
+from ..models import build_model, read_model_meta
+from ..raytools import threads_for
+from ..runner import Plan, Result, Stage, run_configured, run_stage
+from ..shards.tario import shard_name
 from ..stage import StageOutput, file_identity, fingerprint, sha256_file
 from ..tables import Ledger
+from .decode import decode_rows
+from .dupes import load_or_find, per_shard, shard_digest
+from .scorer import TeacherScorer
+from .source import make_datasource
+from .writer import ShardAssembler
 
 TABLE_KEYS = ("topk", "feature_dim", "max_pixels", "dtype", "reduced_decode")  # config keys that change table contents
 
 
 def _teacher_info(weights: str) -> dict:
-    from ..models import build_model, read_model_meta
-
     if not Path(weights).is_file():
         raise UserError(f"teacher.weights: file not found: {weights}")
     meta = read_model_meta(weights)
@@ -31,10 +41,14 @@ def _teacher_info(weights: str) -> dict:
     return {"meta": meta, "feature_dim": int(model.feature_dim), "sha256": sha256_file(weights)}
 
 
-def plan(cfg: Config) -> dict:
-    """Validate paths and the teacher before any Ray work; return what the run needs."""
+def configured_shards(cfg: Config) -> tuple[list[str]]:
+    """The pool shards `score.shards` names (a stage run on its own)."""
+    return (expand_paths(cfg.score.shards, "score.shards"),)
+
+
+def plan(cfg: Config, shards: list[str]) -> Plan:
+    """Validate the shards and the teacher before any Ray work; the Plan's work is what the run needs."""
     sc = cfg.score
-    shards = expand_paths(sc.shards, "score.shards")
     names: dict[str, str] = {}
     for p in shards:
         stem = Path(p).stem
@@ -45,8 +59,11 @@ def plan(cfg: Config) -> dict:
     teacher = _teacher_info(cfg.teacher.weights)
     c = int(teacher["meta"]["num_classes"])
     topk = min(c, sc.topk or 10)
-    return {"shards": names, "teacher": teacher, "topk": topk,
-            "out_dim": min(teacher["feature_dim"], sc.feature_dim)}
+    identities = {name: file_identity(path) for name, path in names.items()}
+    table_cfg = {k: getattr(sc, k) for k in TABLE_KEYS}
+    return Plan(cfg.stage_dir("score"), table_cfg, {"teacher_sha256": teacher["sha256"], "shards": identities},
+                {"shards": names, "teacher": teacher, "topk": topk, "identities": identities,
+                 "out_dim": min(teacher["feature_dim"], sc.feature_dim)})
 
 
 def _check_cpu_budget(cfg: Config) -> None:
@@ -79,24 +96,16 @@ def print_summary(s: dict) -> None:
              _summary_line("duplicate keys", f"{s['duplicate_keys']:,} entries (first occurrence kept)"),
              _summary_line("wall time", f"{s['seconds']:.1f} s ({s['images_per_s']:.0f} images/s this run)")]
     print("\n".join(lines), file=sys.stderr)
+    if s["quarantined"]:
+        say(f"odsd score: warning: {s['quarantined']:,} of {s['rows'] + s['quarantined']:,} pool entries "
+            f"quarantined (reasons above), listed in {Path(s['out']) / 'quarantine'}")
 
 
-def run_score(cfg: Config) -> dict:
-    """Score every pool shard not yet in the ledger; write done.json when all are finished."""
-    p = plan(cfg)
-    sc = cfg.score
-    folder = cfg.stage_dir("score")
-    teacher = p["teacher"]
-    identities = {name: file_identity(path) for name, path in p["shards"].items()}
-    table_cfg = {k: getattr(sc, k) for k in TABLE_KEYS}
-    stage = StageOutput(folder, "score", table_cfg, {"teacher_sha256": teacher["sha256"], "shards": identities})
-    rec = stage.done()
-    if rec:
-        say(f"odsd score: {folder} is already complete for these inputs; skipped")
-        return {**rec["summary"], "shards_scored_now": 0, "shards_skipped": len(identities)}
-    stage.start(cfg.to_dict())
-    from .dupes import shard_digest
-    ledger = Ledger(folder / "ledger", fingerprint({"table": table_cfg, "teacher": teacher["sha256"], "seed": cfg.seed}))
+def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
+    """Score every pool shard not yet in the ledger; the summary once all are finished."""
+    p = plan.work
+    folder, teacher, identities = plan.folder, p["teacher"], p["identities"]
+    ledger = Ledger(folder / "ledger", fingerprint({"table": plan.config, "teacher": teacher["sha256"], "seed": cfg.seed}))
 
     t_dupes = time.perf_counter()
     dupes = _duplicates(cfg, p, folder, identities)
@@ -139,27 +148,17 @@ def run_score(cfg: Config) -> dict:
         "seconds": seconds,
         "images_per_s": scored_rows / seconds if seconds > 0 and scored_rows else 0.0,
         "pipeline_seconds": pipeline_seconds,  # without starting Ray
-        "duplicate_pass_seconds": t_dupes,  # with starting Ray, when the pass started it
+        "duplicate_pass_seconds": t_dupes,  # Ray already up (the runner starts it)
         "teacher_sha256": teacher["sha256"], "feature_dim": p["out_dim"],
         "score_files": [f"scores/{n}.parquet" for n in p["shards"]],
         "quarantine_files": [f"quarantine/{n}.parquet" for n in p["shards"]],
     }
-    stage.finish(summary)
-    print_summary(summary)
-    if quarantined:
-        say(f"odsd score: warning: {quarantined:,} of {rows + quarantined:,} pool entries quarantined "
-            f"(reasons above), listed in {folder / 'quarantine'}")
     return summary
 
 
 def _duplicates(cfg: Config, p: dict, folder: Path, identities: dict) -> dict[str, dict[int, str]]:
     """{shard: {ordinal: detail}} of the pool's duplicate entries (first occurrence in pool order wins),
     computed once per set of inputs by Ray tasks and kept in <score>/duplicates.parquet."""
-    from ..metrics import prom_metric
-    from ..raytools import init_ray
-    from .dupes import load_or_find, per_shard
-
-    init_ray(cfg.ray)
     names = list(p["shards"])
     table = load_or_find(folder / "duplicates.parquet", names, [p["shards"][n] for n in names], identities,
                          cfg.score.decode_cpus)
@@ -172,23 +171,10 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
     """Run the Ray Data pipeline over `paths` and write each shard as it completes.
 
     Returns (entries read, seconds from the pipeline's start, i.e. without starting Ray)."""
-    import ray
-    import ray.data
-
-    from ..metrics import prom_metric, serve_metrics
-    from ..raytools import init_ray
-    from .decode import decode_rows
-    from .scorer import TeacherScorer
-    from .source import make_datasource
-    from .writer import ShardAssembler
-
     sc = cfg.score
     meta = p["teacher"]["meta"]
     size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
-    init_ray(cfg.ray)
     serve_metrics(cfg.metrics.port)
-    from ..shards.tario import shard_name
-
     dupe_refs = {s: ray.put(v) for s, v in dupes.items() if s in {shard_name(x) for x in paths}}
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
@@ -207,7 +193,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         fn_constructor_kwargs={"weights": os.path.abspath(cfg.teacher.weights), "device": sc.device, "dtype": sc.dtype,
                                "inference": sc.inference,
                                "topk": p["topk"], "feature_dim": sc.feature_dim, "seed": cfg.seed,
-                               "threads": sc.threads or max(1, math.ceil(sc.actor_cpus)), "streams": sc.streams},
+                               "threads": threads_for(sc.threads, sc.actor_cpus), "streams": sc.streams},
     )
     projection = None
     if p["teacher"]["feature_dim"] > sc.feature_dim:
@@ -235,3 +221,21 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
     finally:
         bar.close()
     return n, time.perf_counter() - t0
+
+
+def _reuse(plan: Plan, rec: dict) -> dict:
+    return {**rec["summary"], "shards_scored_now": 0, "shards_skipped": len(plan.inputs["shards"])}
+
+
+STAGE = Stage("score", "score", inputs=configured_shards, plan=plan, run=_run, output=lambda plan, s: plan.folder,
+              print_summary=print_summary, needs_ray=True, reuse=_reuse)
+
+
+def score(shards: list[str], cfg: Config) -> Result:
+    """Pool shards -> the score folder (`Result.output`: scores/, quarantine/, ledger/, done.json)."""
+    return run_stage(STAGE, cfg, shards)
+
+
+def run_score(cfg: Config) -> dict:
+    """`odsd score`: the shards `score.shards` names; the summary."""
+    return run_configured(STAGE, cfg)

@@ -21,13 +21,12 @@ from ..tables import score_schema
 OUT_EXTRA = [("reason", pa.string()), ("detail", pa.string())]
 # The teacher sees batches padded to a multiple of this many rows. Batches arrive with every size from 1
 # to score.batch_size (damaged rows left out, each shard's last batch), and CPU torch (oneDNN) keeps
-# primitives and scratch memory per input shape: 300 forwards of random sizes in 180-256 took a ResNet-20
-# process from 170 MB to 1.4 GB of anonymous memory, fixed-size ones stayed at 216 MB, so the actor's
-# memory grew with the number of shards scored. BatchNorm is in eval mode: padding rows change nothing.
+# primitives and scratch memory per input shape, so the actor's memory grew with the number of shards
+# scored (figures: docs/BENCHMARKS.md, design notes). BatchNorm is in eval mode: padding rows change nothing.
 SHAPE_STEP = 32
 # Every TRIM_EVERY batches the actor hands the C heap's free pages back to the OS (glibc malloc_trim): freed
 # batch and activation buffers stayed with the allocator, and the actor's own memory crept up with the
-# number of shards scored (RssAnon 1.18-1.27x from 2 to 32 shards; 1.04x with the trim).
+# number of shards scored (figures: docs/BENCHMARKS.md, design notes).
 TRIM_EVERY = 64
 
 
@@ -82,6 +81,24 @@ def score_logits_features(logits: torch.Tensor, feats: torch.Tensor, topk: int, 
         "topk_logit": tv.numpy().astype(np.float32),
         "feature": f.numpy().astype(np.float16),
     }
+
+
+def projection_from_meta(score_meta: dict) -> Optional[torch.Tensor]:
+    """The projection a score table was written with (its metadata's `projection`), or None."""
+    pm = score_meta.get("projection")
+    return projection_matrix(int(pm["in_dim"]), int(pm["out_dim"]), int(pm["seed"])) if pm else None
+
+
+@torch.no_grad()
+def score_images(model: torch.nn.Module, model_meta: dict, images: np.ndarray, topk: int,
+                 proj: Optional[torch.Tensor], batch_rows: int = 256) -> dict:
+    """Score uint8 (N,H,W,C) images with a loaded, eval-mode teacher outside Ray (eager float32, in batches
+    of `batch_rows`): the score table's columns (`score_logits_features`) for every image, as numpy arrays."""
+    parts = []
+    for s in range(0, len(images), batch_rows):
+        f = model.forward_features(normalize(images[s: s + batch_rows], model_meta))
+        parts.append(score_logits_features(model.classify(f), f, topk, proj))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 class TeacherScorer:

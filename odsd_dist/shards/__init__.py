@@ -14,7 +14,10 @@ def __getattr__(name):  # lazy: keep `import odsd_dist.shards` light inside Ray 
     if name in ("verify_shards", "print_report"):
         from . import verify
         return getattr(verify, name)
-    if name in ("build_from_folder", "build_from_arrays", "ShardWriter"):
+    if name == "ShardWriter":
+        from . import writer
+        return writer.ShardWriter
+    if name in ("build_from_folder", "build_from_arrays"):
         from . import build
         return getattr(build, name)
     if name in ("load_labelled", "iter_labelled_batches", "read_class_names"):

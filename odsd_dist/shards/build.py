@@ -3,8 +3,8 @@
 Layout (the same as ../shared/data/build.py writes): `NNNNN.tar` holding, per sample, KEY.jpg|png,
 KEY.json and, when labelled, KEY.cls (the label as text); an `NNNNN.parquet` sidecar per shard; and
 `classes.json` (index = label) for labelled sets. Keys have 9 digits: 5 of the shard, 4 of the
-position. Tars are byte-for-byte deterministic (sorted inputs, fixed mtime, empty owner names) and
-written atomically (temporary name, then rename).
+position. Tars are byte-for-byte deterministic (sorted inputs; the tar writer, `writer.py`, fixes every
+header field) and written atomically (temporary name, then rename).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import io
 import json
 import os
 import random
-import tarfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,15 +21,13 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+from tqdm import tqdm
 
 from ..errors import UserError
-from ..tables import atomic_write_bytes, write_table
+from ..tables import atomic_write_bytes
 from .decode import FORMAT_EXT, IMAGE_EXTS, Damaged, open_image
+from .writer import DEFAULT_SHARD_SIZE, ShardWriter, check_shard_size
 
-MTIME = 1700000000  # fixed, so that tars are reproducible (as in ../shared/data/build.py)
-DEFAULT_SHARD_SIZE = 5000
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 FORMATS = ("png", "jpg", "keep")
 JPEG_QUALITY = 95
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
@@ -39,81 +36,6 @@ POOL_SIDECAR = pa.schema([("key", pa.string()), ("url", pa.string()), ("status",
                           ("width", pa.int64()), ("height", pa.int64()), ("sha256", pa.string())])
 LABELLED_SIDECAR = pa.schema([("key", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
                               ("source_name", pa.string()), ("width", pa.int64()), ("height", pa.int64())])
-
-
-def _check_shard_size(shard_size: int) -> None:
-    if not 1 <= shard_size <= 10000:
-        raise UserError(f"--shard-size must be between 1 and 10000 (4-digit positions), got {shard_size}")
-
-
-def key_of(shard: int, pos: int) -> str:
-    """img2dataset key: 5 digits of shard, 4 of position."""
-    return f"{shard:05d}{pos:04d}"
-
-
-class ShardWriter:
-    """Writes img2dataset-style shards: NNNNN.tar plus an NNNNN.parquet sidecar, each atomically.
-
-    `add(members, row)` appends one sample's (name, bytes) members and its sidecar row; a shard is
-    closed after `shard_size` samples (or by `close()`), so keys come from `next_key()`.
-    """
-
-    def __init__(self, folder: str | os.PathLike, sidecar_schema: pa.Schema, shard_size: int = DEFAULT_SHARD_SIZE):
-        _check_shard_size(shard_size)
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.schema, self.shard_size = sidecar_schema, shard_size
-        self.index, self.pos = 0, 0
-        self.tar: Optional[tarfile.TarFile] = None
-        self.rows: list[dict] = []
-        self.written: list[str] = []
-        self.samples = 0
-
-    def next_key(self) -> str:
-        if self.pos == self.shard_size:
-            self.close_shard()
-        return key_of(self.index, self.pos)
-
-    def _open(self) -> None:
-        self.path = self.folder / f"{self.index:05d}.tar"
-        self.tmp = self.folder / f".{self.index:05d}.tar.tmp"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
-
-    def add(self, members: Sequence[tuple[str, bytes]], row: dict) -> None:
-        if self.pos == self.shard_size:
-            self.close_shard()
-        if self.tar is None:
-            self._open()
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), MTIME, 0o644
-            info.uname = info.gname = ""
-            self.tar.addfile(info, io.BytesIO(data))
-        self.rows.append(row)
-        self.pos += 1
-        self.samples += 1
-
-    def close_shard(self) -> None:
-        if self.tar is None:
-            self.pos = 0
-            return
-        self.tar.close()
-        os.replace(self.tmp, self.path)
-        side = self.path.with_suffix(".parquet")
-        write_table(pa.Table.from_pylist(self.rows, schema=self.schema), side)
-        os.chmod(side, 0o666 & ~_UMASK)  # the atomic writer's mkstemp makes 0600; match the tar's mode
-        self.written += [str(self.path), str(side)]
-        self.tar, self.rows, self.index, self.pos = None, [], self.index + 1, 0
-
-    def close(self) -> list[str]:
-        self.close_shard()
-        return self.written
-
-    def abort(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            Path(self.tmp).unlink(missing_ok=True)
-            self.tar = None
 
 
 def encode_image(arr: np.ndarray, fmt: str) -> bytes:
@@ -132,13 +54,11 @@ def encode_image(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
 
 
 def _prepare_out(out: Path, overwrite: bool, shard_size: int) -> None:
-    _check_shard_size(shard_size)
+    check_shard_size(shard_size)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out is a file, not a folder: {out}")
     existing = sorted(out.glob("*.tar")) if out.is_dir() else []

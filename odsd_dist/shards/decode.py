@@ -157,14 +157,20 @@ def _open_checked(data: bytes, ext: str, max_pixels: int) -> Image.Image:
     return im
 
 
+# reduced decoding stops at a DCT scale that leaves >= this many times the input size, so the final
+# bilinear resize still filters (docs/BENCHMARKS.md, "Decoding at the size the teacher needs")
+REDUCED_MARGIN = 2
+
+
 def load_for_size(im: Image.Image, size: int, channels: int, reduced: bool = True) -> Image.Image:
     """Decode an opened image for a size x size input: pixels loaded (truncation raises here, never later).
 
-    reduced: a JPEG at least 2x size on both sides is decoded at the smallest DCT scale (1/2, 1/4, 1/8; libjpeg's
-    scaled IDCT, via Image.draft) that still leaves both sides >= size, so only a < 2x resize is left to do.
+    reduced: a JPEG at least 2 x REDUCED_MARGIN x size on both sides is decoded at the smallest DCT scale (1/2,
+    1/4, 1/8; libjpeg's scaled IDCT, via Image.draft) that still leaves both sides >= REDUCED_MARGIN x size.
     Orientation and mode are the caller's (upright, to_mode)."""
-    if reduced and im.format == "JPEG" and min(im.size) >= 2 * size:
-        im.draft("RGB" if channels == 3 else "L", (size, size))
+    want = REDUCED_MARGIN * size
+    if reduced and im.format == "JPEG" and min(im.size) >= 2 * want:
+        im.draft("RGB" if channels == 3 else "L", (want, want))
     im.load()
     return im
 

@@ -4,9 +4,9 @@
 WebDataset does ("dir/000000001.jpg" -> key "dir/000000001", suffix "jpg"). Nothing is decoded: a
 sample is `{"__key__", "__url__", "<suffix>": bytes, ...}`.
 
-Members are read by a small strict ustar/GNU/pax reader (about 20x faster than `tarfile` on many
-small members): header checksums are verified, and a file that ends without its end-of-archive block
-counts as truncated.
+Members are read by a small strict ustar/GNU/pax reader (faster than `tarfile` on many small members:
+docs/BENCHMARKS.md, design notes): header checksums are verified, and a file that ends without its
+end-of-archive block counts as truncated.
 
 A truncated or corrupt tar does not crash the caller mid-shard: every sample read completely before
 the damage is yielded, the sample in progress is dropped, and then, by default, `ShardReadError` is
@@ -78,8 +78,8 @@ def _pax_records(data: bytes) -> dict[str, str]:
 def _iter_members(f: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the regular files of a tar stream: ustar/GNU/pax headers, checksums verified.
 
-    A plain Python reader: ~20x faster than tarfile for many small members, and strict (a short read,
-    a bad checksum or an oversized member raises _TarFormatError).
+    A plain Python reader, faster than tarfile for many small members (see the module docstring), and
+    strict (a short read, a bad checksum or an oversized member raises _TarFormatError).
     """
     long_name: Optional[str] = None
     pax: dict[str, str] = {}

@@ -4,7 +4,7 @@
     python shards/demo/make_demo.py [--data ../shared/data] [--out shards/demo]
 
 Deterministic: the same reference data gives byte-identical demo shards. Written with the project's
-own ShardWriter (odsd_dist/shards/build.py), so the layout is the img2dataset one of the sources:
+own ShardWriter (odsd_dist/shards/writer.py), so the layout is the img2dataset one of the sources:
 
     cifar10/train/0000{0,1}.tar  2 x 900 labelled: the first 90 of each class (source key order)
                                  of cifar10/train/00000.tar and of cifar10/train/00001.tar
@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from odsd_dist.shards.build import LABELLED_SIDECAR, POOL_SIDECAR, ShardWriter  # noqa: E402
+from odsd_dist.shards.build import LABELLED_SIDECAR, POOL_SIDECAR  # noqa: E402
+from odsd_dist.shards.writer import ShardWriter  # noqa: E402
 from odsd_dist.shards.decode import IMAGE_EXTS  # noqa: E402
 from odsd_dist.shards.tario import iter_samples  # noqa: E402
 

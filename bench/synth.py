@@ -1,5 +1,8 @@
 """Synthetic score directories for tests and benchmarks, shaped like the scoring stage's output.
 
+Test and benchmark data, not part of the product: `from bench.synth import make_score_tables` with the
+repository root on sys.path (tests/conftest.py puts it there).
+
 In-domain rows sit near one of C class prototypes with a confident, low-energy teacher output;
 open-world (OOD) rows sit near other centres, with higher energy and a mix of confident and
 uncertain outputs. Written shard by shard (memory ~ one shard), with the table metadata, config.yaml
@@ -14,9 +17,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from ..stage import StageOutput
-from ..tables import score_schema, write_table
+from odsd_dist.stage import StageOutput
+from odsd_dist.tables import score_schema, write_table
 
 PROVENANCE_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("source_class", pa.string())])
 
@@ -133,8 +137,6 @@ def make_score_tables(folder, rows: int, num_classes: int = 10, feature_dim: int
         rng = np.random.default_rng([seed, s])
         table, prov = _shard_table(rng, 0, n, shard, protos, ood, class_p, in_domain, d, topk, provenance)
         if drop_pred:
-            import pyarrow.compute as pc
-
             keep = pc.invert(pc.is_in(table.column("pred"), value_set=pa.array(list(drop_pred), pa.int32())))
             table, prov = table.filter(keep), (prov.filter(keep) if prov is not None else None)
         path = folder / "scores" / f"{shard}.parquet"
