@@ -87,7 +87,8 @@ def to_log(msg: str) -> None:
     """A line for the stage log only (one the caller prints itself, e.g. the runner's skip line)."""
     h = _stage.handler
     if h is not None:
-        h.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, msg, None, None))
+        fn, lno, func, _ = log.findCaller(stacklevel=2)  # the caller's file and line, as in detail()'s records
+        h.handle(log.makeRecord(log.name, logging.INFO, fn, lno, msg, None, None, func))
 
 
 def progress(total=None, desc: str = "", unit: str = "it", **kw):
