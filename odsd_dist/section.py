@@ -10,3 +10,11 @@ from pydantic import BaseModel, ConfigDict
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def known_name(value: str, known, what: str) -> str:
+    """`value` if it is one of `known` (a registry's names), else the ValueError a field validator raises."""
+    names = list(known)
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(names)}")
+    return value

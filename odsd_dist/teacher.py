@@ -25,6 +25,7 @@ from .config import Config, TeacherTrainConfig, expand_paths
 from .console import detail, progress, say, verbose
 from .errors import UserError
 from .models import build_model, load_model, normalize, read_model_meta, save_model, weights_sha256
+from .optim import sgd, warmup_cosine
 from .runner import Plan, Result, Stage, run_configured, run_stage, without
 from .shards.labelled import load_labelled
 from .stage import StageOutput, file_identity
@@ -84,21 +85,15 @@ def augment_batch(x: torch.Tensor, padding: int, crop: bool, flip: bool, gen: to
 
 def lr_at(step: int, total: int, tc: TeacherTrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based) of `total`: linear warm-up, then cosine to zero."""
-    warm = int(round(tc.warmup_frac * total))
-    start = tc.lr / 25 if tc.schedule == "onecycle" else 0.0
-    if step < warm:
-        return start + (tc.lr - start) * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return tc.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    start = 1 / 25 if tc.schedule == "onecycle" else 0.0
+    return tc.lr * warmup_cosine(step, total, int(round(tc.warmup_frac * total)), start)
 
 
 def make_optimizer(model: torch.nn.Module, tc: TeacherTrainConfig) -> torch.optim.SGD:
     """SGD (Nesterov) with weight decay on conv/linear weights only (not on BN and biases)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov and tc.momentum > 0)
+    params = list(model.parameters())
+    return sgd([p for p in params if p.ndim > 1], no_decay=[p for p in params if p.ndim <= 1], lr=tc.lr,
+               momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=tc.nesterov)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from ..section import Section
+from ..section import Section, known_name
 from .methods import registry
 
 
@@ -105,9 +105,7 @@ class DistillConfig(Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in registry():
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(registry()))}")
-        return v
+        return known_name(v, sorted(registry()), "method")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":

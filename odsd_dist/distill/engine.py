@@ -7,11 +7,12 @@ trained, partitioned nor saved.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from ..optim import sgd, warmup_cosine
 
 
 class DistillModule(nn.Module):
@@ -59,23 +60,16 @@ def ds_config(dcfg, world: int) -> dict:
 
 
 def lr_factor(total_steps: int, warmup: int) -> Callable[[int], float]:
-    """Linear warm-up over `warmup` steps, then cosine from 1 to 0 at `total_steps`."""
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / (warmup + 1)
-        span = max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-    return f
+    """Linear warm-up over `warmup` steps, then cosine from 1 to 0 at `total_steps` (optim.warmup_cosine)."""
+    return lambda step: warmup_cosine(step, total_steps, warmup)
 
 
 def make_optimizer(params, dcfg) -> torch.optim.Optimizer:
-    """The client optimizer DeepSpeed wraps: torch SGD (Nesterov-free momentum) or AdamW."""
+    """The client optimizer DeepSpeed wraps: SGD with momentum (optim.sgd) or AdamW."""
     params = [p for p in params if p.requires_grad]
     if dcfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=dcfg.lr, weight_decay=dcfg.weight_decay)
-    return torch.optim.SGD(params, lr=dcfg.lr, momentum=dcfg.momentum, weight_decay=dcfg.weight_decay)
+    return sgd(params, lr=dcfg.lr, momentum=dcfg.momentum, weight_decay=dcfg.weight_decay)
 
 
 def build_engine(module: nn.Module, dcfg, world: int, total_steps: int):

@@ -15,7 +15,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from .data import local_pass, train_index
+from .engine import full_student_state
 
 TAG = "ckpt"  # DeepSpeed checkpoint tag inside every Ray checkpoint
 STATE = "train_state.json"  # loop state (step, history, resumes) beside the DeepSpeed files
@@ -79,187 +80,237 @@ def _mean_terms(sums: dict, counts: dict, device) -> dict:
 def train_loop(spec: dict) -> None:
     """Ray Train `train_loop_per_worker`; `spec` is a plain dict made by distill/__init__.py."""
     _setup_env(spec)
-    import ray
-    import ray.train
-    import torch
-    import torch.distributed as dist
+    Worker(spec).run()
 
-    from ..metrics import ray_metric
-    from ..models import build_model, load_model
-    from .config import DistillConfig
-    from .data import local_pass, train_index
-    from .engine import DistillModule, build_engine, full_student_state
-    from . import method_dims
-    from .methods import build_method
-    from .step import StepContext
 
-    dcfg = DistillConfig.model_validate(spec["distill"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if dcfg.device == "cuda" else torch.device("cpu")
-    if dcfg.device == "cuda":
-        torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if dcfg.dtype == "bf16" else torch.float32
-    import deepspeed
+class TermMeans:
+    """The loop's running sums of every term since the last log line, and the samples counted for its rate."""
 
-    deepspeed.init_distributed(dist_backend=dcfg.resolved_backend())
+    def __init__(self) -> None:
+        self.reset()
 
-    teacher, tmeta = load_model(spec["teacher_weights"], map_location=device)
-    teacher.requires_grad_(False)
-    teacher.to(dtype)
-    teacher_dim = teacher.feature_dim
-    if dcfg.teacher_outputs == "cached":  # the stored outputs stand in for it: keep it off the device
-        teacher_dim = min(teacher_dim, dcfg.cache.feature_dim)
-        teacher = None
-    torch.manual_seed(spec["seed"])  # identical initial student + heads on every rank
-    student = build_model(dcfg.student, int(tmeta["num_classes"]), int(tmeta["in_chans"]))
-    dims = method_dims(tmeta, student.feature_dim, teacher_dim)
-    method = build_method(dcfg.method, dcfg.options, dims)  # aux modules: same seed, same weights on every rank
-    module = DistillModule(student, method, teacher).to(device)
-    total, spe = spec["total_steps"], spec["steps_per_epoch"]
-    engine = build_engine(module, dcfg, world, total)
-    ctx = StepContext(engine, teacher, method, seed=spec["seed"], rank=rank, world=world, total_steps=total,
-                      dtype=dtype, device=device)
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.t0, self.samples = time.perf_counter(), 0
 
-    state = {"step": 0, "history": [], "evals": [], "resumes": [], "best": None}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    def add(self, terms: dict, samples: int) -> None:
+        self.samples += samples
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpoint time is not throughput."""
+        self.t0, self.samples = time.perf_counter(), 0
+
+
+class Worker:
+    """One training process: its DeepSpeed engine, the method's step context, the loop state that is
+    checkpointed (step, history, evals, best, resumes) and the metrics it exports."""
+
+    def __init__(self, spec: dict):
+        import deepspeed
+        import ray.train
+        import torch
+
+        from ..metrics import ray_metric
+        from .config import DistillConfig
+
+        self.spec = spec
+        self.dcfg = d = DistillConfig.model_validate(spec["distill"])
+        tctx = ray.train.get_context()
+        self.rank, self.world = tctx.get_world_rank(), tctx.get_world_size()
+        self.device = torch.device("cuda", tctx.get_local_rank()) if d.device == "cuda" else torch.device("cpu")
+        if d.device == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = torch.bfloat16 if d.dtype == "bf16" else torch.float32
+        deepspeed.init_distributed(dist_backend=d.resolved_backend())
+        self.total, self.spe = spec["total_steps"], spec["steps_per_epoch"]
+        self._build_engine()
+        self.state = {"step": 0, "history": [], "evals": [], "resumes": [], "best": None}
+        self.resumed = self._resume()
+        self.m = {k: ray_metric(f"odsd_{k}") for k in ("distill_step_seconds", "distill_samples_per_second",
+                                                      "distill_loss", "distill_stat", "eval_top1_ratio")}
+        self.feed = spec["feed"]  # None: the local feed (data.local_pass), planned from train_data's index
+        self.units = train_index(spec["train_dir"]) if self.feed is None else None
+        self.out_dir = Path(spec["out_dir"])
+
+    def _build_engine(self) -> None:
+        """Teacher (off the device when its outputs are cached), student, method and engine: the same
+        initial weights on every rank."""
+        import torch
+
+        from ..models import build_model, load_model
+        from . import method_dims
+        from .engine import DistillModule, build_engine
+        from .methods import build_method
+        from .step import StepContext
+
+        d, spec = self.dcfg, self.spec
+        teacher, self.tmeta = load_model(spec["teacher_weights"], map_location=self.device)
+        teacher.requires_grad_(False)
+        teacher.to(self.dtype)
+        teacher_dim = teacher.feature_dim
+        if d.teacher_outputs == "cached":  # the stored outputs stand in for it
+            teacher_dim = min(teacher_dim, d.cache.feature_dim)
+            teacher = None
+        torch.manual_seed(spec["seed"])
+        student = build_model(d.student, int(self.tmeta["num_classes"]), int(self.tmeta["in_chans"]))
+        self.method = build_method(d.method, d.options, method_dims(self.tmeta, student.feature_dim, teacher_dim))
+        self.engine = build_engine(DistillModule(student, self.method, teacher).to(self.device), d, self.world,
+                                   self.total)
+        self.ctx = StepContext(self.engine, teacher, self.method, seed=spec["seed"], rank=self.rank,
+                               world=self.world, total_steps=self.total, dtype=self.dtype, device=self.device)
+
+    def _resume(self) -> bool:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return False
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=TAG)
-            ctx.load(Path(d))
-            state = json.loads((Path(d) / STATE).read_text())
-        state["resumes"].append({"from_step": state["step"], "rank_pid": os.getpid(),
-                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        if rank == 0:
-            _say(f"[distill] resumed from checkpoint at step {state['step']} / {total}")
+            self.engine.load_checkpoint(d, tag=TAG)
+            self.ctx.load(Path(d))
+            self.state = json.loads((Path(d) / STATE).read_text())
+        self.state["resumes"].append({"from_step": self.state["step"], "rank_pid": os.getpid(),
+                                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if self.rank == 0:
+            _say(f"[distill] resumed from checkpoint at step {self.state['step']} / {self.total}")
+        return True
 
-    m_step = ray_metric("odsd_distill_step_seconds")
-    m_sps = ray_metric("odsd_distill_samples_per_second")
-    m_loss = ray_metric("odsd_distill_loss")
-    m_stat = ray_metric("odsd_distill_stat")
-    m_eval = ray_metric("odsd_eval_top1_ratio")
-    feed = spec["feed"]  # None: the local feed (data.local_pass), planned from train_data's index read here
-    units = train_index(spec["train_dir"]) if feed is None else None
-    out_dir = Path(spec["out_dir"])
-    bs = dcfg.batch_size
+    # ------------------------------------------------------------------------------------------ the loop
 
-    def write_pid() -> None:
-        pid_dir = out_dir / "workers"
-        pid_dir.mkdir(parents=True, exist_ok=True)
-        tmp = pid_dir / f".rank{rank}.{os.getpid()}"
-        tmp.write_text(json.dumps({"pid": os.getpid(), "step": state["step"], "rank": rank}))
-        os.replace(tmp, pid_dir / f"rank{rank}.json")
+    def batches(self, pass_start: int):
+        """(batches, end step) of this rank's pass: either feed hands exactly (end - start) x batch_size rows
+        in training order (data.pass_items), so batch k of the pass is step pass_start + k on every run."""
+        import ray
 
-    def evaluate_now() -> Optional[dict]:
+        if self.feed is None:
+            return local_pass(self.spec, self.units, pass_start, self.rank)
+        it, pass_end = ray.get(self.feed.split.remote(pass_start, self.rank))
+        return it.iter_torch_batches(batch_size=self.dcfg.batch_size, drop_last=True, prefetch_batches=2), pass_end
+
+    def run(self) -> None:
+        import torch.distributed as dist
+
+        d, state, means = self.dcfg, self.state, TermMeans()
+        if self.resumed:
+            self.write_pid()
+        while state["step"] < self.total:
+            pass_start = state["step"]
+            batches, pass_end = self.batches(pass_start)
+            done = 0
+            for batch in batches:
+                t0 = time.perf_counter()
+                self.ctx.step = state["step"]
+                terms = self.method.train_step(_to_device(batch, self.device, self.dtype, d.channels_last), self.ctx)
+                self.m["distill_step_seconds"].observe(time.perf_counter() - t0)
+                state["step"] += 1
+                done += 1
+                means.add(terms, d.batch_size)
+                self.after_step(state["step"], means)
+                if done >= pass_end - pass_start:
+                    break
+            if done < pass_end - pass_start:
+                raise RuntimeError(f"rank {self.rank}: the data ran out after {done} of {pass_end - pass_start} "
+                                   f"steps of the pass starting at step {pass_start}")
+        # final: consolidated student (collective), saved by rank 0 into the last checkpoint
+        sd = full_student_state(self.engine)
+        self.report({"step": state["step"], "final": True, **_last_eval(state), "_state_dict": sd}, final=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def after_step(self, step: int, means: TermMeans) -> None:
+        """Log, evaluate at an epoch's end, checkpoint: in the same order on every rank."""
+        d = self.dcfg
+        epoch = (step - 1) // self.spe
+        epoch_end = step % self.spe == 0 or step == self.total
+        if step % d.log_every == 0 or epoch_end or step % d.checkpoint_every == 0:
+            self.log(step, epoch, means)
+        if epoch_end:
+            if self.spec["eval_every_epoch"]:
+                self.evaluate(step, epoch)
+            if step < self.total:
+                self.report({"step": step, "epoch": epoch, **_last_eval(self.state)})
+            means.restart_clock()
+        elif step % d.checkpoint_every == 0:
+            self.report({"step": step, "epoch": epoch, **_last_eval(self.state)})
+            means.restart_clock()
+
+    def log(self, step: int, epoch: int, means: TermMeans) -> None:
+        now = time.perf_counter()
+        sps = means.samples / max(now - means.t0, 1e-9)
+        terms = _mean_terms(means.sums, means.counts, self.device)
+        lr = self.engine.get_lr()[0]
+        self.m["distill_samples_per_second"].set(sps, tags={"rank": str(self.rank)})
+        self.m["distill_stat"].set(lr, tags={"term": "lr"})
+        for k, v in terms.items():
+            self.m["distill_stat" if k in self.method.stats else "distill_loss"].set(v, tags={"term": k})
+        self.state["history"].append({"step": step, "epoch": epoch, "lr": lr, "loss": terms, "samples_per_s_rank": sps,
+                                      "samples_per_s": sps * self.world, "time": time.time()})
+        if self.rank == 0:
+            _say(f"[distill] step {step}/{self.total} epoch {epoch} " + " ".join(
+                f"{k}={v:.4f}" for k, v in terms.items()) + f" {sps * self.world:.1f} samples/s")
+        means.reset()
+
+    # ------------------------------------------------------------------------- evaluation and checkpoints
+
+    def student(self, state_dict: dict):
+        from ..models import build_model
+
+        model = build_model(self.dcfg.student, int(self.tmeta["num_classes"]), int(self.tmeta["in_chans"]))
+        model.load_state_dict(state_dict)
+        return model
+
+    def evaluate(self, step: int, epoch: int) -> None:
         """Consolidate (collective), then rank 0 evaluates the exact weights that will be saved."""
-        sd = full_student_state(engine)
-        if rank != 0 or not spec["eval_shards"]:
-            return None
         from ..evaluate import evaluate_model
 
-        model = build_model(dcfg.student, int(tmeta["num_classes"]), int(tmeta["in_chans"]))
-        model.load_state_dict(sd)
-        res = evaluate_model(model.eval(), spec["student_meta"], spec["eval_shards"], dcfg.eval_batch_size)
-        return res
+        sd = full_student_state(self.engine)
+        if self.rank != 0 or not self.spec["eval_shards"]:
+            return
+        res = evaluate_model(self.student(sd).eval(), self.spec["student_meta"], self.spec["eval_shards"],
+                             self.dcfg.eval_batch_size)
+        state = self.state
+        ev = {"epoch": epoch, "step": step, "top1": res["top1"], "n": res["n"], "per_class": res["per_class"]}
+        state["evals"].append(ev)
+        if state["best"] is None or ev["top1"] > state["best"]["top1"]:
+            state["best"] = {"epoch": epoch, "step": step, "top1": ev["top1"]}
+        self.m["eval_top1_ratio"].set(ev["top1"], tags={"which": "last"})
+        self.m["eval_top1_ratio"].set(state["best"]["top1"], tags={"which": "best"})
+        _say(f"[distill] eval after epoch {epoch}: top-1 {100 * ev['top1']:.2f}% "
+             f"(best {100 * state['best']['top1']:.2f}%)")
 
-    def report(metrics: dict, final: bool = False) -> None:
+    def report(self, metrics: dict, final: bool = False) -> None:
         """DeepSpeed checkpoint on every rank into its own folder, then one ray.train.report."""
-        with tempfile.TemporaryDirectory(prefix=f"odsd-ckpt-r{rank}-") as tmp:
-            engine.save_checkpoint(tmp, tag=TAG)
-            if rank == 0:
-                (Path(tmp) / STATE).write_text(json.dumps(state))
-                ctx.save(Path(tmp))
-                if final:
-                    from ..models import save_model
+        import ray.train
 
-                    sd = metrics.pop("_state_dict")
-                    model = build_model(dcfg.student, int(tmeta["num_classes"]), int(tmeta["in_chans"]))
-                    model.load_state_dict(sd)
-                    save_model(model, Path(tmp) / "student.safetensors", spec["student_meta"] | {
-                        "method": dcfg.method, "steps": state["step"], "teacher_sha256": spec["teacher_sha256"],
+        from ..models import save_model
+
+        state = self.state
+        with tempfile.TemporaryDirectory(prefix=f"odsd-ckpt-r{self.rank}-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=TAG)
+            sd = metrics.pop("_state_dict", None)
+            if self.rank == 0:
+                (Path(tmp) / STATE).write_text(json.dumps(state))
+                self.ctx.save(Path(tmp))
+                if final:
+                    save_model(self.student(sd), Path(tmp) / "student.safetensors", self.spec["student_meta"] | {
+                        "method": self.dcfg.method, "steps": state["step"], "teacher_sha256": self.spec["teacher_sha256"],
                         "eval_top1": (state["evals"][-1]["top1"] if state["evals"] else None),
                         "best_top1": (state["best"] or {}).get("top1")})
-            metrics.pop("_state_dict", None)
             # one folder name for every rank: Ray merges the ranks' files into one checkpoint
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
-        write_pid()
+        self.write_pid()
 
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    t_log, n_log = time.perf_counter(), 0
-    if ckpt is not None:
-        write_pid()
-    while state["step"] < total:
-        pass_start = state["step"]
-        # either feed hands exactly n_pass x bs rows in training order (data.pass_items): no shuffle here,
-        # batch k of the pass is step pass_start + k on every run
-        if feed is None:
-            batches, pass_end = local_pass(spec, units, pass_start, rank)
-        else:
-            it, pass_end = ray.get(feed.split.remote(pass_start, rank))
-            batches = it.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2)
-        n_pass = pass_end - pass_start
-        done_in_pass = 0
-        for batch in batches:
-            t0 = time.perf_counter()
-            batch = _to_device(batch, device, dtype, dcfg.channels_last)
-            ctx.step = state["step"]
-            terms = method.train_step(batch, ctx)
-            dt = time.perf_counter() - t0
-            state["step"] += 1
-            done_in_pass += 1
-            n_log += bs
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-                counts[k] = counts.get(k, 0) + 1
-            m_step.observe(dt)
-            step = state["step"]
-            epoch = (step - 1) // spe
-            epoch_end = step % spe == 0 or step == total
-            if step % dcfg.log_every == 0 or epoch_end or step % dcfg.checkpoint_every == 0:
-                now = time.perf_counter()
-                sps = n_log / max(now - t_log, 1e-9)
-                terms_mean = _mean_terms(sums, counts, device)
-                m_sps.set(sps, tags={"rank": str(rank)})
-                m_stat.set(engine.get_lr()[0], tags={"term": "lr"})
-                for k, v in terms_mean.items():
-                    (m_stat if k in method.stats else m_loss).set(v, tags={"term": k})
-                entry = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0], "loss": terms_mean,
-                         "samples_per_s_rank": sps, "samples_per_s": sps * world, "time": time.time()}
-                state["history"].append(entry)
-                if rank == 0:
-                    _say(f"[distill] step {step}/{total} epoch {epoch} " + " ".join(
-                        f"{k}={v:.4f}" for k, v in terms_mean.items()) + f" {sps * world:.1f} samples/s")
-                sums, counts, t_log, n_log = {}, {}, now, 0
-            if epoch_end:
-                res = evaluate_now() if spec["eval_every_epoch"] else None
-                if rank == 0 and res is not None:
-                    ev = {"epoch": epoch, "step": step, "top1": res["top1"], "n": res["n"],
-                          "per_class": res["per_class"]}
-                    state["evals"].append(ev)
-                    if state["best"] is None or ev["top1"] > state["best"]["top1"]:
-                        state["best"] = {"epoch": epoch, "step": step, "top1": ev["top1"]}
-                    m_eval.set(ev["top1"], tags={"which": "last"})
-                    m_eval.set(state["best"]["top1"], tags={"which": "best"})
-                    _say(f"[distill] eval after epoch {epoch}: top-1 {100 * ev['top1']:.2f}% "
-                         f"(best {100 * state['best']['top1']:.2f}%)")
-                if step < total:
-                    report({"step": step, "epoch": epoch, **_last_eval(state)})
-                t_log, n_log = time.perf_counter(), 0  # evaluation and checkpoint time is not throughput
-            elif step % dcfg.checkpoint_every == 0:
-                report({"step": step, "epoch": epoch, **_last_eval(state)})
-                t_log, n_log = time.perf_counter(), 0
-            if done_in_pass >= n_pass:
-                break
-        if done_in_pass < n_pass:
-            raise RuntimeError(f"rank {rank}: the data ran out after {done_in_pass} of {n_pass} steps "
-                               f"of the pass starting at step {pass_start}")
-    # final: consolidated student (collective), saved by rank 0 into the last checkpoint
-    sd = full_student_state(engine)
-    report({"step": state["step"], "final": True, **_last_eval(state), "_state_dict": sd}, final=True)
-    if dist.is_initialized():
-        dist.barrier()
+    def write_pid(self) -> None:
+        pid_dir = self.out_dir / "workers"
+        pid_dir.mkdir(parents=True, exist_ok=True)
+        tmp = pid_dir / f".rank{self.rank}.{os.getpid()}"
+        tmp.write_text(json.dumps({"pid": os.getpid(), "step": self.state["step"], "rank": self.rank}))
+        os.replace(tmp, pid_dir / f"rank{self.rank}.json")
 
 
 def _last_eval(state: dict) -> dict:

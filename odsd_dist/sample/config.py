@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from ..section import Section
+from ..section import Section, known_name
 from .baselines import RANKERS
 
 OWN_METHODS = ("aps", "all")  # the others are the registered baselines (sample/baselines.RANKERS)
@@ -77,6 +77,4 @@ class SampleConfig(Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in methods():
-            raise ValueError(f"unknown sampling method {v!r}; known: {', '.join(methods())}")
-        return v
+        return known_name(v, methods(), "sampling method")
