@@ -21,7 +21,12 @@ EPILOG = """examples:
 """
 
 
+VERBOSE_HELP = ("also print Ray's, Ray Data's, Ray Train's and DeepSpeed's own log lines and progress output "
+                "(same as ODSD_VERBOSE=1); they always go to <out>/logs/<stage>.log")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.add_argument("--config", "-c", help="YAML config (default: the embedded demo config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set score.batch_size=128 (repeatable)")
@@ -180,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -234,6 +240,12 @@ def main(argv=None) -> int:
         args.rest = unknown + args.rest
     elif unknown:
         ap.error("unrecognized arguments: " + " ".join(unknown))
+    if args.verbose:
+        from .console import set_verbose
+
+        set_verbose(True)
+    if hasattr(sys.stdout, "reconfigure"):  # summaries (stdout) in order with bars and notes (stderr) in a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         args.func(args)
     except UserError as e:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import Config, expand_paths
+from .console import progress
 from .errors import UserError
 from .models import load_model, normalize, read_model_meta, weights_sha256
 from .runner import Plan, Result, Stage, run_configured, run_stage, without
@@ -25,8 +26,9 @@ from .tables import atomic_write_json
 
 
 def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: int = 256,
-                   device: str = "cpu") -> dict:
-    """{"top1", "per_class": {class name: accuracy}, "n", "skipped"} of `model` on labelled shards."""
+                   device: str = "cpu", bar=None) -> dict:
+    """{"top1", "per_class": {class name: accuracy}, "n", "skipped"} of `model` on labelled shards
+    (`bar`: a progress bar advanced by the images of each batch)."""
     c = int(meta["num_classes"])
     names = list(meta.get("class_names") or [str(i) for i in range(c)])
     correct = np.zeros(c, np.int64)
@@ -40,6 +42,8 @@ def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: in
             pred = model(normalize(x, meta, device)).argmax(1).cpu().numpy()
             np.add.at(seen, y, 1)
             np.add.at(correct, y, (pred == y).astype(np.int64))
+            if bar is not None:
+                bar.update(len(y))
     n = int(seen.sum())
     return {
         "top1": float(correct.sum() / n) if n else 0.0,
@@ -49,7 +53,14 @@ def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: in
     }
 
 
-def _teacher_accuracy(cfg: Config, shards: list[str], folder: Path) -> Optional[dict]:
+def _count_entries(shards: Sequence[str]) -> int:
+    """Entries in the shards (a read without decoding), for the progress bar's total."""
+    from .shards.tario import iter_samples
+
+    return sum(1 for p in shards for _ in iter_samples(p, errors=[]))
+
+
+def _teacher_accuracy(cfg: Config, shards: list[str], folder: Path, bar=None) -> Optional[dict]:
     """The teacher's accuracy on `shards`, computed once per (teacher sha256, shards)."""
     path = Path(cfg.teacher.weights)
     if not path.is_file():
@@ -62,7 +73,9 @@ def _teacher_accuracy(cfg: Config, shards: list[str], folder: Path) -> Optional[
     except (FileNotFoundError, json.JSONDecodeError):
         pass
     teacher, meta = load_model(path)
-    res = evaluate_model(teacher, meta, shards, cfg.eval.batch_size) | {"teacher_sha256": sha}
+    if bar is not None:
+        bar.total += bar.n  # the teacher: as many images again
+    res = evaluate_model(teacher, meta, shards, cfg.eval.batch_size, bar=bar) | {"teacher_sha256": sha}
     atomic_write_json(cache, res)
     return res
 
@@ -101,8 +114,10 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
     t0 = time.perf_counter()
     wpath, shards = plan.work["weights"], plan.work["shards"]
     model, meta = load_model(wpath)
-    res = evaluate_model(model, meta, shards, cfg.eval.batch_size)
-    teacher = _teacher_accuracy(cfg, shards, plan.folder)
+    with progress(total=_count_entries(shards), desc="odsd eval", unit="img") as bar:
+        res = evaluate_model(model, meta, shards, cfg.eval.batch_size, bar=bar)
+        bar.total = bar.n  # the images that were labelled and readable
+        teacher = _teacher_accuracy(cfg, shards, plan.folder, bar)
     summary = {
         "weights": str(wpath), "arch": meta.get("arch"), "top1": res["top1"], "n": res["n"],
         "per_class": res["per_class"], "skipped": res["skipped"],

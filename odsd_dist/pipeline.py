@@ -10,6 +10,7 @@ import sys
 import time
 
 from .config import Config, expand_paths
+from .console import detail, log_path, say
 from .distill import check_config, distill
 from .errors import UserError
 from .evaluate import evaluate
@@ -32,13 +33,13 @@ def run_all(cfg: Config) -> dict:
     check_all(cfg)
     for key, value in (("sample.scores", cfg.sample.scores), ("distill.selection", cfg.distill.selection)):
         if value:
-            print(f"odsd run: {key} is for a stage run on its own; odsd run feeds each stage the one before's "
-                  "output", file=sys.stderr)
+            say(f"odsd run: {key} is for a stage run on its own; odsd run feeds each stage the one before's "
+                "output")
     t0 = time.perf_counter()
     out: dict = {"stage_seconds": {}}
 
     def stage(name: str, fn, given) -> Result:
-        print(f"\n=== odsd run: {name} ===", file=sys.stderr, flush=True)
+        detail(f"=== odsd run: {name} ===")
         ts = time.perf_counter()
         res = fn(given, cfg)
         out[name] = res.summary
@@ -53,7 +54,7 @@ def run_all(cfg: Config) -> dict:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     student, teacher = ev.get("top1"), ev.get("teacher_top1")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in out["stage_seconds"].items())
-    lines = [f"\nodsd run: finished in {out['seconds']:.0f} s ({times})"]
+    lines = [f"odsd run: finished in {out['seconds']:.0f} s ({times})"]
     if student is not None:
         d = cfg.distill
         line = f"  student {ev.get('arch')} top-1 {100 * student:.2f}%"
@@ -62,5 +63,6 @@ def run_all(cfg: Config) -> dict:
         lines.append(line + f"   on {ev.get('n')} images of eval.shards")
         sel = "the whole pool" if cfg.sample.method == "all" else f"the {cfg.sample.method} selection (N={cfg.sample.n})"
         lines.append(f"  ({d.method} on {sel}, {d.workers} workers, ZeRO-{d.zero_stage}; {ev.get('weights')})")
+    lines.append(f"  logs: {log_path(cfg.out, '<stage>')}")
     print("\n".join(lines), file=sys.stderr, flush=True)
     return out

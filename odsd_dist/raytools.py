@@ -39,19 +39,33 @@ def use_parquet_v1(ctx) -> bool:
 
 
 def init_ray(rc: RayConfig) -> None:
-    """Join the cluster named by `ray.address` (or RAY_ADDRESS), else start a local one."""
+    """Join the cluster named by `ray.address` (or RAY_ADDRESS), else start a local one.
+
+    Quiet unless verbose (odsd_dist/console.py): Ray's and Ray Data's console loggers show errors only,
+    Ray Data draws no progress bars, and what worker processes print goes to the stage log;
+    `odsd --verbose` (ODSD_VERBOSE=1) leaves all of it on the console.
+    """
     import ray
+
+    from . import console
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs = dict(namespace=rc.namespace, ignore_reinit_error=True, log_to_driver=True)
+    loud = console.verbose()
+    console.quiet_libraries()  # before ray.init: its start-up and token-authentication lines
+    forward = console.can_forward_worker_output()
+    kwargs = dict(namespace=rc.namespace, ignore_reinit_error=True, log_to_driver=loud or forward)
     address = rc.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard, **kwargs)
+    if forward:
+        console.forward_worker_output()
     import ray.data
 
+    console.quiet_libraries()  # importing ray.data set up its logger anew
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = loud  # its execution plans are INFO records: in the stage log either way
+    ctx.enable_operator_progress_bars = loud

@@ -11,15 +11,18 @@ What every stage gets from here rather than writing it again:
 - Ray is started only for a stage that needs it, after the skip check;
 - done.json is written only after the run returned, so a folder without it is never a finished result
   (an error or a kill leaves the last done.json removed and the stage resumable);
-- metrics and the printed summary come after done.json, through one hook each.
+- metrics and the printed summary come after done.json, through one hook each;
+- everything after validation (the skip check, Ray's start, the run, metrics, summary) in the stage's log
+  file `<out>/logs/<Stage.log>.log` (console.py: quiet console, Ray's own output there), whichever way the
+  stage is run: the CLI, `odsd run`, or a caller of the stage function (bench/quality).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .console import say, stage_log, to_log
 from .raytools import init_ray
 from .stage import StageOutput
 
@@ -74,16 +77,28 @@ class Stage:
     reuse: Callable[[Plan, dict], Optional[dict]] = _stored_summary
     metrics: Optional[Callable[[dict], None]] = None  # report -> exported metrics
 
+    @property
+    def log(self) -> str:
+        """The name of its log file in `<out>/logs/`: the command's first word (teacher train -> teacher)."""
+        return self.command.split()[0]
+
 
 def run_stage(stage: Stage, cfg, *inputs) -> Result:
     """Run `stage` on `inputs` (see the module docstring for the lifecycle)."""
     plan = stage.plan(cfg, *inputs)
+    with stage_log(cfg.out, stage.log):
+        return _run_planned(stage, cfg, plan)
+
+
+def _run_planned(stage: Stage, cfg, plan: Plan) -> Result:
     out = StageOutput(plan.folder, stage.name, plan.config, plan.inputs)
     rec = out.done()
     report = stage.reuse(plan, rec) if rec is not None else None
     if report is not None:
-        print(f"odsd {stage.command}: {plan.folder} is up to date (done.json matches its inputs and config); "
-              "nothing to do", flush=True)
+        line = (f"odsd {stage.command}: {plan.folder} is up to date (done.json matches its inputs and config); "
+                "nothing to do")
+        print(line, flush=True)
+        to_log(line)
         return Result(stage.output(plan, report), report, skipped=True)
     out.start(cfg.to_dict())
     if stage.needs_ray:
@@ -94,7 +109,7 @@ def run_stage(stage: Stage, cfg, *inputs) -> Result:
         try:
             stage.metrics(report)
         except Exception as e:  # metrics never fail a finished stage
-            print(f"odsd {stage.command}: metrics not exported ({e})", file=sys.stderr)
+            say(f"odsd {stage.command}: metrics not exported ({e})")
     stage.print_summary(report)
     return Result(stage.output(plan, report), report)
 

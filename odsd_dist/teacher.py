@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,9 +20,9 @@ import torch.nn.functional as F
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from .config import Config, TeacherTrainConfig, expand_paths
+from .console import detail, progress, say, verbose
 from .errors import UserError
 from .models import build_model, load_model, normalize, read_model_meta, save_model, weights_sha256
 from .optim import sgd, warmup_cosine
@@ -154,7 +153,7 @@ def _load_checkpoint(path: Path, model, opt, fingerprint: str) -> Optional[tuple
                     opt.state[p]["momentum_buffer"] = state[f"opt.{gi}.{pi}"].clone()
         return int(meta["epoch"]), json.loads(meta.get("history", "[]"))
     except Exception as e:  # a damaged checkpoint is not fatal: train from scratch
-        print(f"teacher: ignoring unreadable checkpoint {path} ({e})", file=sys.stderr)
+        say(f"odsd teacher train: warning: ignoring unreadable checkpoint {path} ({e})")
         return None
 
 
@@ -219,8 +218,9 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
     threads = tc.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     t_start = time.time()
-    print(f"teacher: decoding {len(train_paths)} training shard(s) ...", flush=True)
-    images, labels, names = load_split(train_paths, tc.input_size, tc.channels, "teacher_train.shards", tc.progress)
+    detail(f"teacher: decoding {len(train_paths)} training shard(s) ...")
+    decode_bars = tc.progress and verbose()
+    images, labels, names = load_split(train_paths, tc.input_size, tc.channels, "teacher_train.shards", decode_bars)
     if tc.max_train_samples and tc.max_train_samples < len(labels):
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(labels))[:tc.max_train_samples])
         images, labels = images[keep], labels[keep]
@@ -230,7 +230,7 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
     names = names or [str(i) for i in range(num_classes)]
     val = None
     if val_paths:
-        vx, vy, _ = load_split(val_paths, tc.input_size, tc.channels, "teacher_train.val_shards", tc.progress)
+        vx, vy, _ = load_split(val_paths, tc.input_size, tc.channels, "teacher_train.val_shards", decode_bars)
         val = (vx, vy)
     t_decode = time.time() - t_start
     mean, std = (init_meta["mean"], init_meta["std"]) if init_meta else channel_stats(images)
@@ -248,7 +248,7 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
             raise UserError(f"teacher_train.init: {tc.init} has {init_meta['num_classes']} classes, "
                             f"the shards have {num_classes}")
         model.load_state_dict(load_model(tc.init)[0].state_dict())
-        print(f"teacher: starting from {tc.init}", flush=True)
+        detail(f"teacher: starting from {tc.init}")
     model = model.to(memory_format=fmt)
     opt = make_optimizer(model, tc)
     n = len(labels)
@@ -261,25 +261,23 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
         got = _load_checkpoint(ckpt, model, opt, stage.fingerprint)
         if got:
             first_epoch, history = got
-            print(f"teacher: resuming after epoch {first_epoch} from {ckpt}", flush=True)
+            say(f"odsd teacher train: resuming after epoch {first_epoch} from {ckpt}")
 
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels)
     crop = tc.augment in ("crop_flip", "crop")
     flip = tc.augment in ("crop_flip", "flip")
-    tty = sys.stderr.isatty()
-    print(f"teacher: {tc.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), {n} images, "
-          f"{num_classes} classes, {tc.epochs} epochs x {steps_per_epoch} steps of {bs}, {threads} threads",
-          flush=True)
+    detail(f"teacher: {tc.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), {n} images, "
+           f"{num_classes} classes, {tc.epochs} epochs x {steps_per_epoch} steps of {bs}, {threads} threads")
+    bar = progress(total=total_steps, initial=first_epoch * steps_per_epoch, desc="odsd teacher train", unit="step",
+                   disable=not tc.progress)
     for epoch in range(first_epoch, tc.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
         t0 = time.time()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step", disable=not tc.progress,
-                   mininterval=1.0 if tty else 60.0, file=sys.stderr, dynamic_ncols=tty)
-        for i in bar:
+        for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total_steps, tc)
             for g in opt.param_groups:
@@ -296,10 +294,10 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
             loss_sum += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
+            bar.update(1)
             if i % 10 == 0 or i == steps_per_epoch - 1:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}",
-                                ips=f"{seen / (time.time() - t0):.0f}")
-        bar.close()
+                bar.set_postfix_str(f"epoch {epoch + 1}/{tc.epochs}, loss {loss_sum / seen:.3f}, "
+                                    f"acc {correct / seen:.3f}, {seen / (time.time() - t0):.0f} img/s", refresh=False)
         if not math.isfinite(loss_sum):
             raise RuntimeError(f"teacher: loss diverged in epoch {epoch + 1}; lower teacher_train.lr")
         dt = time.time() - t0
@@ -308,10 +306,11 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
         if val is not None and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
             rec["val_acc"] = round(accuracy(model, val[0], val[1], meta, tc.eval_batch_size, tc.channels_last)[0], 4)
         history.append(rec)
-        print("teacher: " + "  ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+        detail("teacher: " + "  ".join(f"{k}={v}" for k, v in rec.items()))
         _save_checkpoint(ckpt, model, opt, epoch + 1, stage.fingerprint, history)
         atomic_write_json(stage.folder / "teacher_history.json", history)
 
+    bar.close()
     val_acc, per_class = None, None
     if val is not None:
         val_acc, per_class = accuracy(model, val[0], val[1], meta, tc.eval_batch_size, tc.channels_last)
@@ -340,18 +339,17 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
 
 def print_summary(s: dict) -> None:
     names, per_class = s.get("class_names"), s.get("val_per_class")
-    print("\n== odsd teacher train " + "=" * 50)
-    print(f"  weights        {s['weights']}  (sha256 {s['weights_sha256'][:12]})")
-    print(f"  model          {s['arch']}, {s['num_classes']} classes")
-    print(f"  data           {s['train_samples']} training images; {s['epochs']} epochs x batch {s['batch_size']}")
-    print(f"  time           {s['wall_seconds']:.0f} s wall (decode {s['decode_seconds']:.0f} s, train "
-          f"{s['train_seconds']:.0f} s, {s['img_per_s']} img/s on {s['threads']} threads)")
-    print(f"  train          loss {s['final_train_loss']}, acc {s['final_train_acc']}")
+    lines = [f"odsd teacher train: {s['arch']}, {s['num_classes']} classes -> {s['weights']} "
+             f"(sha256 {s['weights_sha256'][:12]})",
+             f"  {s['train_samples']} training images, {s['epochs']} epochs x batch {s['batch_size']}; "
+             f"{s['wall_seconds']:.0f} s wall (decode {s['decode_seconds']:.0f} s, train {s['train_seconds']:.0f} s, "
+             f"{s['img_per_s']} img/s on {s['threads']} threads)",
+             f"  train loss {s['final_train_loss']}, acc {s['final_train_acc']}"]
     if s["val_acc"] is not None:
-        print(f"  val top-1      {s['val_acc']:.4f} on {s['val_samples']} images")
+        lines[-1] += f"; val top-1 {s['val_acc']:.4f} on {s['val_samples']} images"
         if per_class:
-            print("  per class      " + ", ".join(f"{n}={a:.2f}" for n, a in zip(names, per_class)))
-    print("=" * 72)
+            lines.append("  val per class: " + ", ".join(f"{n} {a:.2f}" for n, a in zip(names, per_class)))
+    print("\n".join(lines))
 
 
 STAGE = Stage("teacher_train", "teacher train", inputs=configured_shards, plan=plan, run=_run,

@@ -75,6 +75,8 @@ def test_finished_stage_is_skipped_with_one_line(eval_setup, capsys, no_ray):
     assert out.strip().splitlines() == [f"odsd eval: {cfg.stage_dir('eval')} is up to date (done.json matches its "
                                         "inputs and config); nothing to do"]
     assert err == "" and eval_json.stat().st_mtime_ns == mtime
+    # the runner opens the stage log around every run, the stage function called in-process included
+    assert "is up to date" in (Path(cfg.out) / "logs" / "eval.log").read_text()
     # another input (the teacher's weights), same config: another result, the stage runs again
     assert not evaluate(Path(cfg.teacher.weights), cfg).skipped
 

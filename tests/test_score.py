@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ def _read(folder: Path, sub: str) -> pa.Table:
 
 
 def _cli(*args, cwd=ROOT, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "ODSD_VERBOSE": "0"}
     return subprocess.Popen([sys.executable, "-m", "odsd_dist.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -91,6 +92,30 @@ def test_bad_config_exits_2_before_ray(pool_shards, teacher, tmp_path):
         assert named in out, out
         assert "Started a local Ray" not in out
         assert not (tmp_path / "out" / "score" / "done.json").exists()
+
+
+RAY_LINE = re.compile(r"\b(INFO|WARNING|DEBUG)\b \S+\.py:\d+ --|core_worker\.cc|\(raylet\)|pid=\d+\)")
+
+
+def test_console_quiet_by_default_and_loud_on_demand(pool_shards, teacher, tmp_path):
+    """`odsd score`: quiet prints its progress bar and summary and none of Ray's own lines, which go to
+    <out>/logs/score.log; `odsd --verbose score` prints Ray's output on the console too."""
+    p = _cli(*_score_args(teacher, pool_shards["folder"], tmp_path / "quiet"))
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    lines = out.replace("\r", "\n").splitlines()
+    assert [ln for ln in lines if RAY_LINE.search(ln)] == [], out
+    assert any(ln.startswith("odsd score:") and "2/2" in ln for ln in lines), out  # the progress bar
+    assert "odsd score — summary" in out and "score rows" in out
+    assert f"{sum(pool_shards['damaged'].values())} of" in out and "quarantined" in out  # the one-line warning
+    log = (tmp_path / "quiet" / "logs" / "score.log").read_text()
+    assert "Started a local Ray instance" in log and "Execution plan" in log
+
+    p = _cli("--verbose", *_score_args(teacher, pool_shards["folder"], tmp_path / "loud"))
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "Started a local Ray instance" in out and "Execution plan" in out
+    assert "odsd score — summary" in out
 
 
 def _ledger(out: Path) -> list[str]:

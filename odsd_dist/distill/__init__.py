@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import pyarrow.parquet as pq
 import torch
 
+from ..console import detail, progress, say, worker_lines
 from ..errors import UserError
 from ..models import ARCHS, build_model, read_model_meta, weights_sha256
 from ..paths import expand_paths
@@ -113,7 +115,7 @@ def plan(cfg: Config, selection: Path | None) -> Plan:
         if not selection.is_file():
             raise UserError(f"distill: selection not found: {selection} (run `odsd sample` first, or set distill.selection)")
         for w in mcls.selection_warnings(getattr(d.options, d.method), read_meta(selection)):
-            print(f"odsd distill: warning: {w}", file=sys.stderr)
+            say(f"odsd distill: warning: {w}")
         pool = d.pool_shards or cfg.score.shards
         if not pool:
             raise UserError("distill.pool_shards (or score.shards): the pool shards the selection was drawn from")
@@ -161,8 +163,8 @@ def _run(cfg: Config, run_plan: Plan, stage: StageOutput) -> dict:
         cache = build_teacher_cache(cache_dir, train_dir, cache_inputs, weights=str(Path(cfg.teacher.weights).resolve()),
                                     batch_size=c.batch_size, actor_cpus=c.actor_cpus,
                                     threads=threads_for(c.threads, c.actor_cpus), device=d.device)
-        print(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
-              f"({cache['seconds']:.0f} s)", file=sys.stderr)
+        detail(f"odsd distill: teacher outputs cached: {cache['rows']} images x {d.cache.views} views "
+               f"({cache['seconds']:.0f} s)")
         train_dir = cache_dir
     rows = data["rows"]
     spe = (rows // d.workers) // d.batch_size
@@ -184,8 +186,8 @@ def _run(cfg: Config, run_plan: Plan, stage: StageOutput) -> dict:
         "eval_every_epoch": d.eval_every_epoch, "out_dir": str(folder.resolve()),
         "epochs_per_pass": d.epochs_per_pass,
     }
-    print(f"odsd distill: {rows} images, {d.workers} workers x batch {d.batch_size}, {spe} steps/epoch, "
-          f"{total} steps, ZeRO-{d.zero_stage} {d.dtype} on {d.device}, method {d.method}", file=sys.stderr)
+    detail(f"odsd distill: {rows} images, {d.workers} workers x batch {d.batch_size}, {spe} steps/epoch, "
+           f"{total} steps, ZeRO-{d.zero_stage} {d.dtype} on {d.device}, method {d.method}")
     spec["feed"] = epoch_feed(spec) if d.feed == "ray_data" else None
     result = _fit(cfg, spec, stage.fingerprint, folder)
     history = _collect(result, folder)
@@ -239,7 +241,31 @@ def _fit(cfg: Config, spec: dict, run_fp: str, folder: Path):
                                              "OMP_NUM_THREADS": str(spec["threads"])}},
         ),
     )
-    return trainer.fit()
+    epochs = -(-spec["total_steps"] // spec["steps_per_epoch"])
+    with progress(total=spec["total_steps"], desc="odsd distill", unit="step") as bar, \
+            worker_lines(lambda line: _on_worker_line(line, bar, epochs)):
+        return trainer.fit()
+
+
+# what rank 0 of the training loop prints (loop.py `_say`), followed by the driver's progress bar
+_STEP = re.compile(r"\[distill\] step (\d+)/(\d+) epoch (\d+)")
+_EVAL = re.compile(r"\[distill\] eval after epoch \d+: top-1 ([\d.]+%)")
+_RESUMED = re.compile(r"\[distill\] resumed from checkpoint at step (\d+)")
+
+
+def _on_worker_line(line: str, bar, epochs: int) -> None:
+    if m := _RESUMED.search(line):
+        say(f"odsd distill: resumed from the checkpoint at step {m.group(1)}")
+        bar.update(int(m.group(1)) - bar.n)
+        return
+    if m := _STEP.search(line):
+        bar.update(int(m.group(1)) - bar.n)
+        bar.epoch = f"epoch {int(m.group(3)) + 1}/{epochs}"
+    elif m := _EVAL.search(line):
+        bar.top1 = f", top-1 {m.group(1)}"
+    else:
+        return
+    bar.set_postfix_str(getattr(bar, "epoch", "") + getattr(bar, "top1", ""))
 
 
 def _collect(result, folder: Path) -> dict:

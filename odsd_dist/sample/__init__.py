@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..console import progress
 from ..metrics import prom_metric
 from ..runner import Plan, Result, Stage, run_configured, run_stage
 from ..stage import StageOutput
@@ -30,6 +31,7 @@ from .reshard import reshard, resolve_sources
 from .targets import low_noise_targets, to_list_array, topk_matrix
 
 __all__ = ["Selection", "build_selection", "run_sample", "sample", "select"]
+CLASSES_LISTED = 40  # the summary lists each class up to this many
 
 
 def _weights(score: np.ndarray, by_score: bool) -> np.ndarray:
@@ -105,11 +107,18 @@ def print_summary(s: dict) -> None:
           f"(N={s['n']:,}, C={len(names)})")
     quotas = s.get("quotas") if s.get("quotas") and len(s["quotas"]) == len(names) else [None] * len(names)
     cands = s.get("candidates") or [None] * len(names)
-    print(f"  {'class':<16}{'selected':>10}{'quota':>10}{'candidates':>12}")
+    cells = []
     for i, name in enumerate(names):
-        q = "" if quotas[i] is None else f"{quotas[i]:,}"
-        c = "" if cands[i] is None else f"{cands[i]:,}"
-        print(f"  {name[:15]:<16}{s['per_class'][i]:>10,}{q:>10}{c:>12}")
+        q = "" if quotas[i] is None else f"/{quotas[i]:,}"
+        c = "" if cands[i] is None else f"/{cands[i]:,}"
+        cells.append(f"{name[:15]} {s['per_class'][i]:,}{q}{c}")
+    if len(cells) <= CLASSES_LISTED:
+        print("  per class (selected/quota/candidates):")
+        for row in range(0, len(cells), 4):
+            print("    " + "".join(f"{c:<26}" for c in cells[row:row + 4]).rstrip())
+    else:  # ImageNet-size C: the range here, every class in done.json and the selection's metadata
+        per = s["per_class"]
+        print(f"  per class selected {min(per):,}-{max(per):,} (every class in {Path(s['selection']).parent / 'done.json'})")
     for r in s.get("rounds") or []:
         if "rows_per_class" in r:  # the rows each class's next prototypes came from
             used = r["rows_per_class"]
@@ -118,6 +127,27 @@ def print_summary(s: dict) -> None:
     print(f"  rows scanned {s['rows_scanned']:,} in {len(s['passes'])} passes; {s['seconds']:.2f} s; "
           f"{s['rows_per_second']:,} pool rows/s")
     print(f"  wrote {s['selection']}" + (f"; resharded into {s['reshard']['folder']}" if s.get("reshard") else ""))
+
+
+class _ProgressTimer(PassTimer):
+    """PassTimer with the stage's progress bar: pool rows read, over all passes (each pass adds its rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bar = None
+
+    def run(self, name, rows, it, consume) -> None:
+        if self.bar is None:
+            self.bar = progress(total=rows, desc="odsd sample", unit="row", unit_scale=True)
+        else:
+            self.bar.total += rows
+        self.bar.set_postfix_str(f"pass {len(self.passes) + 1}: {name}")
+        super().run(name, rows, it, consume)
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _export_metrics(s: dict) -> None:
@@ -155,7 +185,7 @@ def _run(cfg, plan: Plan, stage: StageOutput) -> dict:
     sc = cfg.sample
     inp, reshard_sources = plan.work["inp"], plan.work["reshard_sources"]
     t0 = time.perf_counter()
-    timer = PassTimer()
+    timer = _ProgressTimer()
     path = plan.folder / "selection.parquet"
     meta = {"stage": "sample", "config": plan.config, "teacher_sha256": inp.teacher_sha256,
             "num_classes": inp.num_classes, "class_names": inp.class_names, "method": sc.method,
@@ -176,6 +206,7 @@ def _run(cfg, plan: Plan, stage: StageOutput) -> dict:
                                             "floors_too_high": info["floors_too_high"]})
         write_table(table, path, meta)
         selected = table.num_rows
+    timer.close()
     seconds = time.perf_counter() - t0
     summary = {
         "method": sc.method, "n": sc.n, "selected": selected, "pool_rows": inp.rows, "per_class": per_class,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import ray
 import ray.data
-from tqdm import tqdm
 
 from ..config import Config, expand_paths
+from ..console import progress, say
 from ..errors import UserError
 from ..metrics import prom_metric, serve_metrics
 from ..models import build_model, read_model_meta
@@ -78,6 +78,10 @@ def _check_cpu_budget(cfg: Config) -> None:
         raise UserError(f"score.actor_cpus / score.decode_cpus: {sc.actors} actor(s) x {sc.actor_cpus} CPU + "
                         f"{sc.decode_cpus} CPU for decoding = {need:g} CPUs, but the local Ray has {cpus} "
                         "(ray.num_cpus): no decode task could run beside the scoring actors")
+    if need < cpus - 0.5:
+        say(f"odsd score: warning: {sc.actors} actor(s) x score.actor_cpus {sc.actor_cpus} + score.decode_cpus "
+            f"{sc.decode_cpus} = {need:g} of the local Ray's {cpus} CPUs; raise score.actors or score.actor_cpus "
+            "to use the rest")
 
 
 def _summary_line(label: str, value) -> str:
@@ -85,14 +89,16 @@ def _summary_line(label: str, value) -> str:
 
 
 def print_summary(s: dict) -> None:
-    lines = ["", "odsd score — summary", _summary_line("output", s["out"]),
+    lines = ["odsd score — summary", _summary_line("output", s["out"]),
              _summary_line("shards", f"{s['shards']} ({s['shards_scored_now']} scored now, {s['shards_skipped']} already done)"),
              _summary_line("score rows", f"{s['rows']:,}"),
              _summary_line("quarantined", f"{s['quarantined']:,} " + (str(s["reasons"]) if s["reasons"] else "")),
              _summary_line("duplicate keys", f"{s['duplicate_keys']:,} entries (first occurrence kept)"),
-             _summary_line("wall time", f"{s['seconds']:.1f} s"),
-             _summary_line("images/s (this run)", f"{s['images_per_s']:.0f}")]
+             _summary_line("wall time", f"{s['seconds']:.1f} s ({s['images_per_s']:.0f} images/s this run)")]
     print("\n".join(lines), file=sys.stderr)
+    if s["quarantined"]:
+        say(f"odsd score: warning: {s['quarantined']:,} of {s['rows'] + s['quarantined']:,} pool entries "
+            f"quarantined (reasons above), listed in {Path(s['out']) / 'quarantine'}")
 
 
 def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
@@ -111,6 +117,8 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
         return bool(rec) and rec.get("input") == identities[name] and rec.get("dupes") == digests[name]
 
     todo = [name for name in p["shards"] if not finished(name)]
+    if 0 < len(todo) < len(p["shards"]):
+        say(f"odsd score: resuming: {len(p['shards']) - len(todo)} of {len(p['shards'])} shards already scored")
     for name in todo:  # never leave a stale table of an unfinished shard behind
         for sub in ("scores", "quarantine"):
             (folder / sub / f"{name}.parquet").unlink(missing_ok=True)
@@ -195,7 +203,7 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         "teacher_arch": meta["arch"], "num_classes": int(meta["num_classes"]), "class_names": meta.get("class_names"),
         "feature_dim": p["out_dim"], "topk": p["topk"], "projection": projection, "seed": cfg.seed,
     }
-    bar = tqdm(total=len(paths), desc="shards scored", unit="shard", file=sys.stderr)
+    bar = progress(total=len(paths), desc="odsd score", unit="shard")
     shards_done = prom_metric("odsd_score_shards_done_total")
 
     def on_done(name: str, info: dict) -> None:
