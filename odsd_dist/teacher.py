@@ -210,17 +210,12 @@ def _reuse(plan: Plan, rec: dict) -> Optional[dict]:
     return rec["summary"] if ok else None
 
 
-def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
-    """Train `teacher_train.arch` on the shards; write `teacher.weights`; the report."""
+def _load_data(cfg: Config, plan: Plan) -> tuple:
+    """(images, labels, class names, (val images, val labels) or None) decoded from the shards."""
     tc = cfg.teacher_train
-    train_paths, val_paths = plan.work["train"], plan.work["val"]
-    weights, init_meta = plan.work["weights"], plan.work["init_meta"]
-    threads = tc.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    t_start = time.time()
-    detail(f"teacher: decoding {len(train_paths)} training shard(s) ...")
-    decode_bars = tc.progress and verbose()
-    images, labels, names = load_split(train_paths, tc.input_size, tc.channels, "teacher_train.shards", decode_bars)
+    detail(f"teacher: decoding {len(plan.work['train'])} training shard(s) ...")
+    bars = tc.progress and verbose()
+    images, labels, names = load_split(plan.work["train"], tc.input_size, tc.channels, "teacher_train.shards", bars)
     if tc.max_train_samples and tc.max_train_samples < len(labels):
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(labels))[:tc.max_train_samples])
         images, labels = images[keep], labels[keep]
@@ -229,27 +224,80 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
         raise UserError(f"teacher_train.shards: label {int(labels.max())} but only {num_classes} class names")
     names = names or [str(i) for i in range(num_classes)]
     val = None
-    if val_paths:
-        vx, vy, _ = load_split(val_paths, tc.input_size, tc.channels, "teacher_train.val_shards", decode_bars)
+    if plan.work["val"]:
+        vx, vy, _ = load_split(plan.work["val"], tc.input_size, tc.channels, "teacher_train.val_shards", bars)
         val = (vx, vy)
-    t_decode = time.time() - t_start
+    return images, labels, names, val
+
+
+def _new_model(cfg: Config, init_meta: Optional[dict], images: np.ndarray, names: list[str]):
+    """(model in the training memory format, its metadata): fresh with the seed, or from teacher_train.init."""
+    tc = cfg.teacher_train
     mean, std = (init_meta["mean"], init_meta["std"]) if init_meta else channel_stats(images)
     mean, std = tc.mean or mean, tc.std or std
     if len(mean) != tc.channels or len(std) != tc.channels:
         raise UserError(f"teacher_train.mean/std: need {tc.channels} values each")
-    meta = {"arch": tc.arch, "num_classes": num_classes, "in_chans": tc.channels, "input_size": tc.input_size,
+    meta = {"arch": tc.arch, "num_classes": len(names), "in_chans": tc.channels, "input_size": tc.input_size,
             "mean": mean, "std": std, "class_names": names}
-
     torch.manual_seed(cfg.seed)
-    model = build_model(tc.arch, num_classes, tc.channels)
-    fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = build_model(tc.arch, len(names), tc.channels)
     if init_meta:
-        if int(init_meta["num_classes"]) != num_classes:
+        if int(init_meta["num_classes"]) != len(names):
             raise UserError(f"teacher_train.init: {tc.init} has {init_meta['num_classes']} classes, "
-                            f"the shards have {num_classes}")
+                            f"the shards have {len(names)}")
         model.load_state_dict(load_model(tc.init)[0].state_dict())
         detail(f"teacher: starting from {tc.init}")
-    model = model.to(memory_format=fmt)
+    return model.to(memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format), meta
+
+
+def _train_epoch(cfg: Config, epoch: int, model, opt, x_all: torch.Tensor, y_all: torch.Tensor, meta: dict,
+                 bs: int, total_steps: int, bar) -> dict:
+    """One epoch in a seeded order with seeded augmentation; its history record."""
+    tc = cfg.teacher_train
+    fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
+    crop, flip = tc.augment in ("crop_flip", "crop"), tc.augment in ("crop_flip", "flip")
+    n = len(y_all)
+    steps_per_epoch = n // bs
+    model.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    t0 = time.time()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for i in range(steps_per_epoch):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(epoch * steps_per_epoch + i, total_steps, tc)
+        idx = order[i * bs:(i + 1) * bs]
+        xb = normalize(augment_batch(x_all[idx], tc.crop_padding, crop, flip, gen), meta).contiguous(memory_format=fmt)
+        yb = y_all[idx]
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb, label_smoothing=tc.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+        seen += len(yb)
+        bar.update(1)
+        if i % 10 == 0 or i == steps_per_epoch - 1:
+            bar.set_postfix_str(f"epoch {epoch + 1}/{tc.epochs}, loss {loss_sum / seen:.3f}, "
+                                f"acc {correct / seen:.3f}, {seen / (time.time() - t0):.0f} img/s", refresh=False)
+    if not math.isfinite(loss_sum):
+        raise RuntimeError(f"teacher: loss diverged in epoch {epoch + 1}; lower teacher_train.lr")
+    dt = time.time() - t0
+    return {"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 4), "train_acc": round(correct / seen, 4),
+            "seconds": round(dt, 1), "img_per_s": round(seen / dt, 1)}
+
+
+def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
+    """Train `teacher_train.arch` on the shards; write `teacher.weights`; the report."""
+    tc = cfg.teacher_train
+    weights, init_meta = plan.work["weights"], plan.work["init_meta"]
+    threads = tc.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    images, labels, names, val = _load_data(cfg, plan)
+    t_decode = time.time() - t_start
+    model, meta = _new_model(cfg, init_meta, images, names)
     opt = make_optimizer(model, tc)
     n = len(labels)
     bs = min(tc.batch_size, n)
@@ -262,70 +310,34 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
         if got:
             first_epoch, history = got
             say(f"odsd teacher train: resuming after epoch {first_epoch} from {ckpt}")
-
-    x_all = torch.from_numpy(images)
-    y_all = torch.from_numpy(labels)
-    crop = tc.augment in ("crop_flip", "crop")
-    flip = tc.augment in ("crop_flip", "flip")
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     detail(f"teacher: {tc.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), {n} images, "
-           f"{num_classes} classes, {tc.epochs} epochs x {steps_per_epoch} steps of {bs}, {threads} threads")
+           f"{len(names)} classes, {tc.epochs} epochs x {steps_per_epoch} steps of {bs}, {threads} threads")
     bar = progress(total=total_steps, initial=first_epoch * steps_per_epoch, desc="odsd teacher train", unit="step",
                    disable=not tc.progress)
     for epoch in range(first_epoch, tc.epochs):
-        model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        t0 = time.time()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total_steps, tc)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = order[i * bs:(i + 1) * bs]
-            xb = augment_batch(x_all[idx], tc.crop_padding, crop, flip, gen)
-            xb = normalize(xb, meta).contiguous(memory_format=fmt)
-            yb = y_all[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=tc.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-            bar.update(1)
-            if i % 10 == 0 or i == steps_per_epoch - 1:
-                bar.set_postfix_str(f"epoch {epoch + 1}/{tc.epochs}, loss {loss_sum / seen:.3f}, "
-                                    f"acc {correct / seen:.3f}, {seen / (time.time() - t0):.0f} img/s", refresh=False)
-        if not math.isfinite(loss_sum):
-            raise RuntimeError(f"teacher: loss diverged in epoch {epoch + 1}; lower teacher_train.lr")
-        dt = time.time() - t0
-        rec = {"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 4), "train_acc": round(correct / seen, 4),
-               "seconds": round(dt, 1), "img_per_s": round(seen / dt, 1)}
+        rec = _train_epoch(cfg, epoch, model, opt, x_all, y_all, meta, bs, total_steps, bar)
         if val is not None and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
             rec["val_acc"] = round(accuracy(model, val[0], val[1], meta, tc.eval_batch_size, tc.channels_last)[0], 4)
         history.append(rec)
         detail("teacher: " + "  ".join(f"{k}={v}" for k, v in rec.items()))
         _save_checkpoint(ckpt, model, opt, epoch + 1, stage.fingerprint, history)
         atomic_write_json(stage.folder / "teacher_history.json", history)
-
     bar.close()
     val_acc, per_class = None, None
     if val is not None:
         val_acc, per_class = accuracy(model, val[0], val[1], meta, tc.eval_batch_size, tc.channels_last)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    full_meta = dict(meta, feature_dim=model.feature_dim, seed=cfg.seed, teacher_train=tc.model_dump(mode="json"),
-                     train_samples=n, val_acc=val_acc, val_per_class=per_class, trained_by="odsd teacher train",
-                     train_shards=[Path(p).name for p in train_paths], val_shards=[Path(p).name for p in val_paths])
-    save_model(model, weights, full_meta)
-    wall = time.time() - t_start
+    save_model(model, weights, dict(
+        meta, feature_dim=model.feature_dim, seed=cfg.seed, teacher_train=tc.model_dump(mode="json"), train_samples=n,
+        val_acc=val_acc, val_per_class=per_class, trained_by="odsd teacher train",
+        train_shards=[Path(p).name for p in plan.work["train"]], val_shards=[Path(p).name for p in plan.work["val"]]))
     train_s = sum(h["seconds"] for h in history)
     summary = {
         "weights": str(weights), "weights_sha256": weights_sha256(weights), "arch": tc.arch,
-        "num_classes": num_classes, "train_samples": n, "epochs": tc.epochs, "batch_size": bs,
+        "num_classes": len(names), "train_samples": n, "epochs": tc.epochs, "batch_size": bs,
         "threads": threads, "decode_seconds": round(t_decode, 1), "train_seconds": round(train_s, 1),
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(time.time() - t_start, 1),
         "img_per_s": round(n * len(history) / train_s, 1) if train_s else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "final_train_acc": history[-1]["train_acc"] if history else None,
