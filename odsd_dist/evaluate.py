@@ -75,6 +75,7 @@ def _teacher_accuracy(cfg: Config, shards: list[str], folder: Path, bar=None) ->
     teacher, meta = load_model(path)
     if bar is not None:
         bar.total += bar.n  # the teacher: as many images again
+        bar.set_description("odsd eval (student + teacher)", refresh=False)
     res = evaluate_model(teacher, meta, shards, cfg.eval.batch_size, bar=bar) | {"teacher_sha256": sha}
     atomic_write_json(cache, res)
     return res
