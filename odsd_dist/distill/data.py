@@ -8,12 +8,13 @@
    per epoch, train_data's row groups in a seeded order, rows shuffled within windows of whole row
    groups (>= `augment.shuffle_buffer` rows), the sequence cut into `workers` equal parts of
    steps_per_epoch x batch_size rows (the remainder is left out that epoch).
-3. `pass_dataset`: one worker's rows for one pass (the rest of the current epoch and up to
-   `epochs_per_pass` more) as a Ray Data dataset in a fixed order (preserve_order): items of up to
-   aug_batch_rows rows, each read by a task straight from its row groups and augmented there with
-   per-row seeds (augment.row_rng). A resume at any step takes exactly the rows (and augmentations)
-   the uninterrupted run would have taken from that step on.
-4. `EpochFeed`: a small actor holding train_data's row-group index, which plans each worker's pass.
+3. `pass_items`: one worker's rows for one pass (the rest of the current epoch and up to
+   `epochs_per_pass` more) as work items of up to aug_batch_rows rows, in training order; each item's
+   rows are read from their row groups and augmented with per-row seeds (augment.row_rng). A resume at
+   any step takes exactly the rows (and augmentations) the uninterrupted run would have taken.
+4. Where the items run (`distill.feed`): `local_pass`, a thread in the training process (default), or
+   `pass_dataset`, a Ray Data dataset in a fixed order (preserve_order) planned by the `EpochFeed`
+   actor; the same batches either way.
 """
 from __future__ import annotations
 
