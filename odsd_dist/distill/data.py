@@ -277,15 +277,21 @@ def _take_rows(units: list, rows: np.ndarray, groups: RowGroups) -> pa.Table:
     return pa.concat_tables(tables).take(pa.array(offset[unit] + rows - starts[unit]))
 
 
-def _read_augment(batch: dict, *, units: list, views: int, aug: dict, mean, std, seed: int, chunk: int,
+def _augment_kwargs(spec: dict, units: list) -> dict:
+    """What `_read_augment` needs beside an item, the same for both feeds (the augmentation validated once)."""
+    from .config import AugmentConfig
+
+    return dict(units=units, views=spec["views"], aug=AugmentConfig.model_validate(spec["augment"]),
+                mean=spec["mean"], std=spec["std"], seed=spec["seed"], chunk=spec["aug_batch_rows"])
+
+
+def _read_augment(batch: dict, *, units: list, views: int, aug, mean, std, seed: int, chunk: int,
                   groups: Optional[RowGroups] = None):
     """map_batches UDF on one work item: read its row groups, take its rows in order, augment, yield chunks."""
     from ray.data.block import BlockAccessor
 
     from .augment import augment_batch
-    from .config import AugmentConfig
 
-    aug = AugmentConfig.model_validate(aug)
     epoch = int(batch["epoch"][0])
     table = _take_rows(units, np.frombuffer(batch["rows"][0], np.int64), groups or RowGroups())
     for c in range(0, table.num_rows, chunk):
@@ -300,8 +306,7 @@ def pass_dataset(spec: dict, units: list, start_step: int, rank: int):
     items, end = pass_items(spec, [n for *_, n in units], start_step, rank)
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(_read_augment, batch_size=1, batch_format="numpy", num_cpus=spec["data_cpus"],
-                        fn_kwargs=dict(units=units, views=spec["views"], aug=spec["augment"], mean=spec["mean"],
-                                       std=spec["std"], seed=spec["seed"], chunk=spec["aug_batch_rows"]))
+                        fn_kwargs=_augment_kwargs(spec, units))
     # the dataset carries its DataContext to the worker that iterates it
     ds.context.execution_options.preserve_order = True  # training order is the items' order
     ds.context.enable_progress_bars = False  # one bar per pass per worker is noise
@@ -366,8 +371,7 @@ def local_pass(spec: dict, units: list, start_step: int, rank: int, prefetch: in
     import threading
 
     items, end = pass_items(spec, [n for *_, n in units], start_step, rank)
-    kw = dict(units=units, views=spec["views"], aug=spec["augment"], mean=spec["mean"], std=spec["std"],
-              seed=spec["seed"], chunk=spec["aug_batch_rows"], groups=RowGroups(keep=_window_groups(spec, units)))
+    kw = _augment_kwargs(spec, units) | {"groups": RowGroups(keep=_window_groups(spec, units))}
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     done = object()
