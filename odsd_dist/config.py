@@ -1,8 +1,8 @@
 """Typed configuration: one pydantic model per stage, loaded from YAML with safe_load.
 
 Every section rejects unknown keys, so a typo is an error that names the key. `--set a.b=c` overrides
-are applied before validation. Stage sections own their defaults; `Config.stage_dir(stage)` says where
-each stage writes.
+are applied before validation. Each stage's section lives beside the stage (`<stage>/config.py`) and owns
+its defaults; this module only assembles them. `Config.stage_dir(stage)` says where each stage writes.
 """
 from __future__ import annotations
 
@@ -16,85 +16,17 @@ from pydantic import Field, ValidationError
 
 from .distill.config import DistillConfig
 from .errors import UserError
-from .paths import expand_paths  # noqa: F401  (re-exported: stages import it from here)
+from .evaluate.config import EvalConfig
+from .paths import expand_paths  # noqa: F401  (re-exported for bench/ and tests)
 from .raytools import RayConfig
 from .sample.config import SampleConfig
+from .score.config import ScoreConfig
 from .section import Section
+from .teacher.config import TeacherTrainConfig
 
 
 class TeacherConfig(Section):
     weights: str = "runs/teacher/teacher.safetensors"  # safetensors file made by `odsd teacher train`
-
-
-class TeacherTrainConfig(Section):
-    shards: list[str] = Field(default_factory=list)  # labelled shards (tar paths or globs)
-    val_shards: list[str] = Field(default_factory=list)  # optional: accuracy printed after every epoch
-    arch: str = "resnet20"
-    input_size: int = Field(32, ge=8)
-    channels: Literal[1, 3] = 3
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.1, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    threads: Optional[int] = Field(None, ge=1)
-    out: Optional[str] = None  # default: <dir of teacher.weights>
-    # --- schedule and augmentation (teacher.py) ---
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    schedule: Literal["onecycle", "cosine"] = "onecycle"  # onecycle: warm up from lr/25; cosine: from 0
-    warmup_frac: float = Field(0.15, ge=0, lt=1)  # fraction of all steps spent warming up
-    augment: Literal["crop_flip", "crop", "flip", "none"] = "crop_flip"  # vectorised on uint8 batches
-    crop_padding: int = Field(4, ge=0)
-    mean: Optional[list[float]] = None  # default: per-channel mean of the training images
-    std: Optional[list[float]] = None  # default: per-channel std of the training images
-    channels_last: bool = True
-    eval_batch_size: int = Field(512, ge=1)
-    val_every: int = Field(1, ge=1)  # epochs between val accuracy reports (the last epoch always)
-    max_train_samples: Optional[int] = Field(None, ge=1)  # a seeded subset, for quick trials
-    # Start from these weights (same arch and classes) instead of a random init: fine-tuning or a
-    # warm restart of a finished teacher. Its normalisation is kept unless mean/std are set.
-    init: Optional[str] = None
-    resume: bool = True  # continue from <out>/teacher_checkpoint.safetensors if its config matches
-    progress: bool = True
-
-
-class ScoreConfig(Section):
-    shards: list[str] = Field(default_factory=list)  # pool shards (tar paths or globs)
-    batch_size: int = Field(256, ge=1)  # teacher batch
-    decode_batch_size: int = Field(256, ge=1)
-    actors: int = Field(1, ge=1)  # teacher-scoring actor pool size
-    actor_cpus: float = Field(1.0, gt=0)
-    # torch threads per scoring actor (default: actor_cpus rounded up). Ray's CPU count is a reservation,
-    # not a limit: on a 2-core node actor_cpus=1.5 + decode_cpus=0.5 runs a 2-thread teacher beside decoding.
-    threads: Optional[int] = Field(None, ge=1)
-    # CPU: the actor's threads run the teacher as this many independent single-threaded forwards, each on a
-    # slice of the batch (default: one per thread; 1 = one forward on `threads` OpenMP threads). Independent
-    # streams never wait for each other at an OpenMP barrier when decoding takes a core away for a moment:
-    # 1.2-1.3x the 2-thread forward on the 2-core reference machine (docs/BENCHMARKS.md). GPU: always 1.
-    streams: Optional[int] = Field(None, ge=1)
-    decode_cpus: float = Field(0.5, gt=0)  # read+decode tasks; differs from actor_cpus so Ray does not fuse them into the actor
-    block_mb: float = Field(1.0, gt=0)  # Ray Data block size target: small blocks keep decode and scoring pipelined
-    num_gpus: float = Field(0.0, ge=0)  # per actor
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # "jit": the teacher frozen with TorchScript (BN folded, oneDNN layout; models/inference.py), float32
-    # only, eager otherwise or when tracing fails. Same results to float32 rounding, so not a TABLE_KEY.
-    inference: Literal["jit", "eager"] = "jit"
-    topk: Optional[int] = Field(None, ge=1)  # default min(C, 10)
-    feature_dim: int = Field(256, ge=1)  # project features above this dimension
-    max_pixels: int = Field(50_000_000, ge=1)  # header-declared pixels above this are a decompression bomb
-    # Decode a JPEG at the smallest 1/2, 1/4, 1/8 DCT scale still >= the teacher's input (then a filtered
-    # resize): a web-size JPEG costs a fraction of a full decode (docs/BENCHMARKS.md). false: always full size.
-    reduced_decode: bool = True
-    max_errored_blocks: int = Field(0, ge=-1)
-    out: Optional[str] = None
-
-
-class EvalConfig(Section):
-    shards: list[str] = Field(default_factory=list)  # labelled original-domain shards (test split)
-    batch_size: int = Field(256, ge=1)
-    out: Optional[str] = None
 
 
 class MetricsConfig(Section):

@@ -10,15 +10,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import ray.data
 
-from ..config import Config, expand_paths
 from ..console import progress, say
 from ..errors import UserError
 from ..metrics import prom_metric, serve_metrics
 from ..models import build_model, read_model_meta
+from ..paths import expand_paths
 from ..raytools import threads_for
 from ..runner import Plan, Result, Stage, run_configured, run_stage
 from ..shards.tario import shard_name
@@ -29,6 +30,9 @@ from .dupes import load_or_find, per_shard, shard_digest
 from .scorer import TeacherScorer
 from .source import make_datasource
 from .writer import ShardAssembler
+
+if TYPE_CHECKING:  # the top-level Config assembles this stage's section: a runtime import would loop
+    from ..config import Config
 
 TABLE_KEYS = ("topk", "feature_dim", "max_pixels", "dtype", "reduced_decode")  # config keys that change table contents
 

@@ -107,7 +107,7 @@ class TeacherScorer:
     def __init__(self, weights: str, device: str, dtype: str, topk: int, feature_dim: int, seed: int, threads: int = 0,
                  inference: str = "jit", streams: Optional[int] = None):
         self.device = torch.device(device)
-        # CPU: `threads` single-threaded forwards side by side (config.ScoreConfig.streams), unless told otherwise
+        # CPU: `threads` single-threaded forwards side by side (score/config.ScoreConfig.streams), unless told otherwise
         self.streams = 1 if self.device.type != "cpu" else (streams or threads or 1)
         if self.streams > 1 or threads:
             torch.set_num_threads(1 if self.streams > 1 else threads)

@@ -9,20 +9,24 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 
 import torch
 
-from .config import Config, expand_paths
-from .console import progress
-from .errors import UserError
-from .models import load_model, normalize, read_model_meta, weights_sha256
-from .runner import Plan, Result, Stage, run_configured, run_stage, without
-from .shards.labelled import iter_labelled_batches
-from .stage import StageOutput, file_identity, fingerprint
-from .tables import atomic_write_json
+from ..console import progress
+from ..errors import UserError
+from ..models import load_model, normalize, read_model_meta, weights_sha256
+from ..paths import expand_paths
+from ..runner import Plan, Result, Stage, run_configured, run_stage, without
+from ..shards.labelled import iter_labelled_batches
+from ..shards.tario import iter_samples
+from ..stage import StageOutput, file_identity, fingerprint
+from ..tables import atomic_write_json
+
+if TYPE_CHECKING:  # the top-level Config assembles this stage's section: a runtime import would loop
+    from ..config import Config
 
 
 def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: int = 256,
@@ -55,8 +59,6 @@ def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: in
 
 def _count_entries(shards: Sequence[str]) -> int:
     """Entries in the shards (a read without decoding), for the progress bar's total."""
-    from .shards.tario import iter_samples
-
     return sum(1 for p in shards for _ in iter_samples(p, errors=[]))
 
 

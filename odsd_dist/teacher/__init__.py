@@ -12,7 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,15 +21,20 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import Config, TeacherTrainConfig, expand_paths
-from .console import detail, progress, say, verbose
-from .errors import UserError
-from .models import build_model, load_model, normalize, read_model_meta, save_model, weights_sha256
-from .optim import sgd, warmup_cosine
-from .runner import Plan, Result, Stage, run_configured, run_stage, without
-from .shards.labelled import load_labelled
-from .stage import StageOutput, file_identity
-from .tables import atomic_write_json
+from ..distill.augment import shift_flip
+from ..console import detail, progress, say, verbose
+from ..errors import UserError
+from ..models import build_model, load_model, normalize, read_model_meta, save_model, weights_sha256
+from ..optim import sgd, warmup_cosine
+from ..paths import expand_paths
+from ..runner import Plan, Result, Stage, run_configured, run_stage, without
+from ..shards.labelled import load_labelled
+from ..stage import StageOutput, file_identity
+from ..tables import atomic_write_json
+from .config import TeacherTrainConfig
+
+if TYPE_CHECKING:  # the top-level Config assembles this stage's section: a runtime import would loop
+    from ..config import Config
 
 CHECKPOINT = "teacher_checkpoint.safetensors"
 
@@ -63,22 +68,15 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def augment_batch(x: torch.Tensor, padding: int, crop: bool, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip of a uint8 B×H×W×C batch, all in one gather."""
-    b, h, w, _ = x.shape
+    """Random crop with zero padding and horizontal flip of a uint8 B×H×W×C batch (distill's weak-view gather)."""
+    b = x.shape[0]
     if crop and padding > 0:
-        xp = x.new_zeros((b, h + 2 * padding, w + 2 * padding, x.shape[3]))
-        xp[:, padding:padding + h, padding:padding + w] = x
-        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen) - padding
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen) - padding
     else:
-        xp, oy, ox = x, torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
-    cols = torch.arange(w).expand(b, w)
-    if flip:
-        flipped = torch.rand(b, generator=gen) < 0.5
-        cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    rows = oy[:, None] + torch.arange(h)
-    cols = ox[:, None] + cols
-    return xp[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        dy = dx = torch.zeros(b, dtype=torch.long)
+    flipped = torch.rand(b, generator=gen) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    return shift_flip(x, flipped, dx, dy, channels_last=True)
 
 
 # ----------------------------------------------------------------------------- schedule
