@@ -119,6 +119,29 @@ def test_rows_per_worker_and_step_are_a_function_of_seed_epoch_rank():
     assert _rows_by_step(spec | {"seed": 1}, sizes, 0, 0) != runs[0]
 
 
+def test_weak_view_is_the_teachers_crop_and_flip():
+    """Distill's weak view and teacher training's crop + flip are one gather: the same parameters move the
+    same pixels, channels first (float) or last (uint8), and a shift is exact (zeros come in at the edge)."""
+    import torch
+
+    from odsd_dist.distill.augment import shift_flip, weak_from_params, weak_params
+    from odsd_dist.teacher import augment_batch
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (12, 10, 10, 3), dtype=np.uint8))
+    params = weak_params(12, rng, 3, True)
+    p = torch.from_numpy(params.astype(np.int64))
+    first = weak_from_params(x.permute(0, 3, 1, 2).float(), params)
+    last = shift_flip(x, p[:, 0] < 0, p[:, 1], p[:, 2], channels_last=True)
+    assert torch.equal(first, last.permute(0, 3, 1, 2).float())
+    one = torch.zeros(1, 1, 4, 4)
+    one[0, 0, 1, 2] = 1.0
+    moved = shift_flip(one, torch.tensor([True]), torch.tensor([-1]), torch.tensor([1]))
+    assert moved[0, 0, 0, 0] == 1.0 and moved.sum() == 1.0  # out[y, x] = in[y + 1, (3 - x) - 1]
+    gen = torch.Generator().manual_seed(0)
+    assert augment_batch(x, 2, True, True, gen).shape == x.shape
+
+
 def test_row_augmentation_ignores_batch_cuts():
     """A row's views depend on (seed, epoch, its idx) only: not on its batch, its place in it, or the cut."""
     from odsd_dist.distill.augment import augment_batch

@@ -1,7 +1,8 @@
 """Vectorised two-view augmentation on uint8 batches, run inside Ray Data's map_batches.
 
-One `grid_sample` per view does the random-resized crop, the flip and the pad-crop for the whole
-batch at once (per-sample affine grids); colour jitter is per-sample factors on the batch tensor.
+A strong view is one `grid_sample` for the whole batch (the random-resized crop and flip as per-sample
+affine grids) and per-sample colour-jitter factors; the weak view (flip + pad-crop) is one exact integer
+gather, `shift_flip`, which teacher training uses too.
 Randomness is per row: row i's numbers are a hash of (run seed, epoch, its idx, draw number)
 (`RowRandom`), so a row gets the same augmentation whatever batch it lands in, wherever Ray Data cuts
 the batches, and a different one in every epoch.
@@ -31,16 +32,31 @@ def weak_params(n: int, rng: np.random.Generator, pad: int, flip: bool) -> np.nd
     return np.stack([sx, dx, dy], 1).astype(np.int8)
 
 
+def shift_flip(x: torch.Tensor, flip: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+               channels_last: bool = False) -> torch.Tensor:
+    """Row i of `x` mirrored left-right where flip[i], then shifted: out[y, x'] = in[y + dy[i], x' + dx[i]]
+    (x' counted from the right when mirrored), zeros outside. One exact integer gather for the batch, any
+    dtype; x is N x C x H x W, or N x H x W x C with `channels_last`. The weak view of distillation and the
+    crop-and-flip of teacher training are both this."""
+    b = x.shape[0]
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+    pad = int(max(dx.abs().max(), dy.abs().max())) if b else 0
+    if pad:
+        x = F.pad(x, (0, 0, pad, pad, pad, pad) if channels_last else (pad, pad, pad, pad))
+    cols = torch.arange(w).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + (dx[:, None] + pad)
+    rows = torch.arange(h) + (dy[:, None] + pad)
+    n = torch.arange(b)
+    if channels_last:
+        return x[n[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return x[n[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows[:, None, :, None],
+             cols[:, None, None, :]]
+
+
 def weak_from_params(x: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     """The weak views given by `params` (weak_params): flip + zero-padded integer shift, exactly."""
-    n, _, h, w = x.shape
-    params = np.asarray(params, np.float64)
-    theta = np.zeros((n, 2, 3))
-    theta[:, 0, 0] = params[:, 0]
-    theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = 2.0 * params[:, 1] / w  # one pixel = 2/W in normalised coordinates: exact shifts
-    theta[:, 1, 2] = 2.0 * params[:, 2] / h
-    return _grid_sample(x, theta, h, "zeros")
+    p = torch.from_numpy(np.asarray(params, np.int64))
+    return shift_flip(x, p[:, 0] < 0, p[:, 1], p[:, 2])
 
 
 def weak_view(x: torch.Tensor, rng: np.random.Generator, pad: int, flip: bool) -> torch.Tensor:
