@@ -77,12 +77,15 @@ def test_rows_and_config_errors(tmp_path):
         path.write_text(yaml.safe_dump({**base, **kw}))
         return load_quality_config(str(path))
 
-    qc = load(rows=["odsd", {"name": "kd_mine", "source": "pool", "set": ["sample.method=all", "distill.method=kd"],
+    qc = load(rows=["odsd", {"name": "kd_mine", "source": "pool", "set": {"sample.method": "all", "distill.method": "kd"},
                              "grid": {"distill.lr": [0.1, 0.2]}}],
               tune={"grid": {"distill.options.kd.tau": [2, 4]}, "rows": ["kd_mine"]})
     plans = resolve_rows(qc)
     assert [p.row.name for p in plans] == ["odsd", "kd_mine"] and plans[0].grid == {}
-    assert len(candidates(plans[1].grid)) == 4 and candidates({}) == [()]
+    assert plans[1].row.set == {"sample.method": "all", "distill.method": "kd"}  # typed, as written
+    assert len(candidates(plans[1].grid)) == 4 and candidates({}) == [{}]
+    texts = load(rows=[{"name": "odsd", "set": ["distill.options.odsd.use_rel=false"]}])  # `--set` texts too
+    assert resolve_rows(texts)[0].row.set["distill.options.odsd.use_rel"] is False
     with pytest.raises(UserError, match="unknown row"):
         resolve_rows(load(rows=["nope"]))
     with pytest.raises(UserError, match="distill.steps"):
@@ -104,12 +107,12 @@ def test_every_registered_row_builds_a_valid_config():
 
     for name in known_rows():
         row = get_row(name)
-        cfg = build_config({}, list(row.set))
+        cfg = build_config({}, [], row.set)
         build_method(cfg.distill.method, cfg.distill.options, Dims(8, 8, 3))
         assert row.source in SOURCES
         assert (cfg.distill.method == "ce") == (name == "scratch"), name  # only scratch trains on labels
         if row.source == "pool":
-            assert any(s.startswith("sample.method=") for s in row.set), name
+            assert "sample.method" in row.set, name
 
 
 def test_quality_bench_tiny_grey(ray_local, tmp_path):

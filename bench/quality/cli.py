@@ -32,12 +32,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from .config import load_quality_config
-    from .rows import get_row, known_rows
+    from .rows import as_text, get_row, known_rows
 
     if args.list_rows:
         for n in known_rows():
             r = get_row(n)
-            print(f"{n:<22} {r.source:<6} {r.label}: {' '.join(r.set)}")
+            print(f"{n:<22} {r.source:<6} {r.label}: {' '.join(as_text(r.set))}")
         return 0
     if not args.config:
         print("error: --config is required", file=sys.stderr)

@@ -35,7 +35,7 @@ class TeacherSpec(_Section):
 
 
 class TuneConfig(_Section):
-    """Hyper-parameter search on the validation split (never on test): a grid of `--set` values."""
+    """Hyper-parameter search on the validation split (never on test): a grid of config values by dotted key."""
 
     enabled: bool = True
     seed: Optional[int] = None  # the seed of the tuning runs (default: the first of `seeds`; reused by the final run)
@@ -53,11 +53,23 @@ class RowSpec(_Section):
     name: str
     label: Optional[str] = None
     source: Optional[Literal["pool", "train"]] = None  # required for a name that is not registered
-    set: list[str] = Field(default_factory=list)
+    set: dict[str, Any] = Field(default_factory=dict)  # odsd config values by dotted key ({distill.method: kd})
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     seeds: Optional[list[int]] = Field(None, min_length=1)  # this row's seeds (default: the config's `seeds`)
     group: Optional[str] = None
     what: Optional[str] = None
+
+
+    @field_validator("set", mode="before")
+    @classmethod
+    def _texts(cls, v):
+        """`set` may also be written as `--set` texts (["distill.method=kd"]): parsed once, here, to values."""
+        if isinstance(v, (list, tuple)):
+            try:
+                return dict(parse_override(item) for item in v)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        return v
 
 
 class QualityConfig(_Section):

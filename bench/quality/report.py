@@ -14,6 +14,8 @@ import numpy as np
 
 from odsd_dist.tables import atomic_write_bytes, atomic_write_json
 
+from .rows import as_text
+
 GROUP_COLOURS = {"baseline": "#7f7f7f", "odsd": "#d62728", "method": "#9467bd", "ablation": "#ff9896", "reference": "#1f77b4",
                  "custom": "#2ca02c"}
 
@@ -54,7 +56,7 @@ def summarise(raw: dict) -> list[dict]:
         d0 = runs[0]["distill"] if runs else {}
         rows.append({
             "name": row.name, "label": row.label, "group": row.group, "source": row.source, "what": row.what,
-            "set": list(row.set), "chosen": r["tuning"]["chosen"], "tuning": r["tuning"],
+            "set": as_text(row.set), "chosen": r["tuning"]["chosen"], "tuning": r["tuning"],
             "seeds": [x["seed"] for x in runs],
             "train_images": d0.get("rows"), "steps": d0.get("steps"), "epochs": d0.get("epochs"),
             "test_last": _stats([(x.get("test") or {}).get("last") for x in runs]),

@@ -21,17 +21,12 @@ from odsd_dist.stage import file_identity, fingerprint
 from odsd_dist.tables import atomic_write_json
 
 from .config import QualityConfig, RowSpec
-from .rows import Row, fixed_key_violations, get_row, known_rows
+from .rows import Row, as_text, fixed_key_violations, get_row, known_rows
 from .splits import cut_splits
 
 
 def say(msg: str) -> None:
     print(f"quality: {msg}", file=sys.stderr, flush=True)
-
-
-def _yaml_value(v) -> str:
-    """A value as `--set` text (YAML flow style), so lists and booleans survive parse_override."""
-    return json.dumps(v) if not isinstance(v, str) else v
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -56,11 +51,11 @@ def resolve_rows(qc: QualityConfig, only: Optional[list[str]] = None) -> list[Pl
         except KeyError:
             if spec.source is None:
                 raise UserError(f"rows: unknown row {spec.name!r} (known: {', '.join(known_rows())}); "
-                                f"a new row needs `source: pool|train` and `set: [...]`") from None
-            row = Row(spec.name, spec.label or spec.name, spec.source, tuple(spec.set), spec.group or "custom",
+                                f"a new row needs `source: pool|train` and `set: {{key: value}}`") from None
+            row = Row(spec.name, spec.label or spec.name, spec.source, dict(spec.set), spec.group or "custom",
                       spec.what or "")
         else:
-            row = replace(row, label=spec.label or row.label, set=row.set + tuple(spec.set),
+            row = replace(row, label=spec.label or row.label, set={**row.set, **spec.set},
                           source=spec.source or row.source, group=spec.group or row.group, what=spec.what or row.what)
         bad = fixed_key_violations(row.set)
         if bad:
@@ -70,7 +65,7 @@ def resolve_rows(qc: QualityConfig, only: Optional[list[str]] = None) -> list[Pl
             grid.update(qc.tune.grid)
         grid.update(row.grid)
         grid.update(spec.grid)
-        bad = fixed_key_violations(f"{k}=" for k in grid)
+        bad = fixed_key_violations(grid)
         if bad:
             raise UserError(f"tune grid of {row.name}: {', '.join(bad)} is shared by every row; not tunable")
         for k, vals in grid.items():
@@ -93,11 +88,10 @@ def resolve_rows(qc: QualityConfig, only: Optional[list[str]] = None) -> list[Pl
     return plans
 
 
-def candidates(grid: dict) -> list[tuple[str, ...]]:
-    """Every combination of the grid as `--set` overrides (keys sorted); [()] for an empty grid."""
+def candidates(grid: dict) -> list[dict]:
+    """Every combination of the grid as typed values (keys sorted); [{}] for an empty grid."""
     keys = sorted(grid)
-    return [tuple(f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo))
-            for combo in itertools.product(*(grid[k] for k in keys))] or [()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))] or [{}]
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -115,9 +109,9 @@ class Setup:
     teacher_summary: Optional[dict] = None
 
 
-def _cfg(base: dict, overrides=(), **values) -> Config:
-    """The base config with typed values (dotted keys spelled with `__` for `.`) and a row's `--set` texts."""
-    return build_config(base, list(overrides), {k.replace("__", "."): v for k, v in values.items()})
+def _cfg(base: dict, values: dict, **more) -> Config:
+    """The base config with a row's typed values and more of them (dotted keys spelled with `__` for `.`)."""
+    return build_config(base, [], {**values, **{k.replace("__", "."): v for k, v in more.items()}})
 
 
 def prepare(qc: QualityConfig) -> Setup:
@@ -129,7 +123,7 @@ def prepare(qc: QualityConfig) -> Setup:
     base = dict(qc.odsd)
     splits = cut_splits(qc.data, out / "data")
     pool = expand_paths((base.get("score") or {}).get("shards") or [], "odsd.score.shards")
-    cfg0 = _cfg(base, [])
+    cfg0 = _cfg(base, {})
     teacher = cfg0.teacher.weights
     teacher_summary = None
     if qc.teacher.train:
@@ -141,7 +135,7 @@ def prepare(qc: QualityConfig) -> Setup:
         if not cfg0.teacher_train.val_shards:  # progress only; the teacher's settings come from the config
             sets["teacher_train__val_shards"] = splits["val"]
         say(f"training the teacher -> {teacher}")
-        teacher_summary = train_teacher(_cfg(base, **sets))
+        teacher_summary = train_teacher(_cfg(base, {}, **sets))
     if not Path(teacher).is_file():
         raise UserError(f"odsd.teacher.weights: {teacher} not found (set teacher.train: true to train it)")
     read_model_meta(teacher)
@@ -165,15 +159,15 @@ def prepare(qc: QualityConfig) -> Setup:
         from odsd_dist.score import run_score
 
         score_dir = str(out / "score")
-        score_summary = run_score(_cfg(base, score__out=score_dir))
+        score_summary = run_score(_cfg(base, {}, score__out=score_dir))
     return Setup(out, base, splits, teacher, sha, score_dir, pool, score_summary, teacher_summary)
 
 
 # ----------------------------------------------------------------------------------------- one run
 
-def run_id(row: Row, extra: tuple[str, ...]) -> str:
-    """Folder name of a row + tuned overrides: `base` without any, else a short hash of them."""
-    return "base" if not extra else "t" + fingerprint(sorted(extra))[:10]
+def run_id(row: Row, extra: dict) -> str:
+    """Folder name of a row + tuned values: `base` without any, else a short hash of them as text."""
+    return "base" if not extra else "t" + fingerprint(sorted(as_text(extra)))[:10]
 
 
 def _sample_dir(setup: Setup, cfg: Config) -> Path:
@@ -182,7 +176,7 @@ def _sample_dir(setup: Setup, cfg: Config) -> Path:
     return setup.out / "samples" / f"{cfg.sample.method}-{key}"
 
 
-def run_one(setup: Setup, row: Row, extra: tuple[str, ...], seed: int, test: bool) -> dict:
+def run_one(setup: Setup, row: Row, extra: dict, seed: int, test: bool) -> dict:
     """sample (pool rows) -> distill (per-epoch eval on val) -> eval on test (when `test`)."""
     from odsd_dist.distill import run_distill
 
@@ -191,8 +185,8 @@ def run_one(setup: Setup, row: Row, extra: tuple[str, ...], seed: int, test: boo
                   eval__shards=setup.splits["val"], distill__eval_every_epoch=True,
                   distill__out=str(folder / "distill"),
                   distill__keep_checkpoints=100000)  # a runtime key: keeps the best-validation epoch's checkpoint
-    overrides = list(row.set) + list(extra)
-    rec: dict = {"row": row.name, "seed": seed, "overrides": overrides, "folder": str(folder)}
+    overrides = {**row.set, **extra}
+    rec: dict = {"row": row.name, "seed": seed, "overrides": as_text(row.set) + as_text(extra), "folder": str(folder)}
     t0 = time.perf_counter()
     if row.source == "pool":
         sdir = _sample_dir(setup, _cfg(setup.base, overrides, **common))
@@ -301,17 +295,17 @@ def evaluate_test(setup: Setup, cfg: Config, folder: Path, rec: dict) -> dict:
 
 def tune_row(setup: Setup, qc: QualityConfig, plan: Plan, seed: int) -> dict:
     """Every grid candidate trained once (tuning seed), judged on val; returns the choice and the trials."""
-    cands = candidates(plan.grid) if qc.tune.enabled else [()]
+    cands = candidates(plan.grid) if qc.tune.enabled else [{}]
     if len(cands) == 1:
-        return {"chosen": list(cands[0]), "trials": [], "metric": qc.tune.metric}
+        return {"chosen": as_text(cands[0]), "values": cands[0], "trials": [], "metric": qc.tune.metric}
     trials = []
     for extra in cands:
         r = run_one(setup, plan.row, extra, seed, test=False)
         v = r["val"]["last"] if qc.tune.metric == "val_last" else r["val"]["best"]
-        trials.append({"set": list(extra), "val": v, "folder": r["folder"]})
-        say(f"[{plan.row.name}] tune {' '.join(extra)}: val {qc.tune.metric} {100 * (v or 0):.2f}%")
+        trials.append({"set": as_text(extra), "values": extra, "val": v, "folder": r["folder"]})
+        say(f"[{plan.row.name}] tune {' '.join(as_text(extra))}: val {qc.tune.metric} {100 * (v or 0):.2f}%")
     best = max(trials, key=lambda t: -1 if t["val"] is None else t["val"])  # first of the ties
-    return {"chosen": best["set"], "trials": trials, "metric": qc.tune.metric}
+    return {"chosen": best["set"], "values": best["values"], "trials": trials, "metric": qc.tune.metric}
 
 
 def run_benchmark(qc: QualityConfig, only_rows: Optional[list[str]] = None,
@@ -340,16 +334,15 @@ def run_benchmark(qc: QualityConfig, only_rows: Optional[list[str]] = None,
             src = source_of.get(plan.row.name)
             if src is not None:  # the family's search, run once (first by the row that needs it)
                 t = tuning_of(by_name[src])
-                tunings[plan.row.name] = {"chosen": t["chosen"], "trials": [], "metric": t["metric"],
-                                          "shared_from": src}
+                tunings[plan.row.name] = {"chosen": t["chosen"], "values": t["values"], "trials": [],
+                                          "metric": t["metric"], "shared_from": src}
             else:
                 tunings[plan.row.name] = tune_row(setup, qc, plan, tune_seed)
         return tunings[plan.row.name]
 
     for plan in plans:
         tuning = tuning_of(plan)
-        chosen = tuple(tuning["chosen"])
-        runs = [run_one(setup, plan.row, chosen, seed, test=True) for seed in (plan.seeds or qc.seeds)]
+        runs = [run_one(setup, plan.row, tuning["values"], seed, test=True) for seed in (plan.seeds or qc.seeds)]
         results.append({"row": plan.row, "tuning": tuning, "runs": runs})
         if on_row is not None:
             on_row(raw())
