@@ -170,6 +170,10 @@ class Ledger:
     def is_done(self, unit: str) -> bool:
         return self.get(unit) is not None
 
+    def drop(self, unit: str) -> None:
+        """Forget a unit (before its outputs are removed, so the ledger never names a missing file)."""
+        self._path(unit).unlink(missing_ok=True)
+
     def mark(self, unit: str, info: dict) -> None:
         atomic_write_json(self._path(unit), {**info, "unit": unit, "fingerprint": self.fingerprint})
 

@@ -72,6 +72,13 @@ def test_score_counts_reasons_and_rerun(pool_shards, teacher, tmp_path, ray_loca
     # a rerun after completion scores nothing
     again = run_score(cfg)
     assert again["shards_scored_now"] == 0 and again["rows"] == s["rows"]
+    # an unfinished run (no done.json) whose ledger names a table that is gone scores that shard again
+    table = tmp_path / "score" / "scores" / f"{Path(pool_shards['paths'][0]).stem}.parquet"
+    before = table.read_bytes()
+    table.unlink()
+    (tmp_path / "score" / "done.json").unlink()
+    redo = run_score(cfg)
+    assert redo["shards_scored_now"] == 1 and redo["rows"] == s["rows"] and table.read_bytes() == before
 
 
 def test_bad_config_exits_2_before_ray(pool_shards, teacher, tmp_path):

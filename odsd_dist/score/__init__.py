@@ -118,12 +118,14 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
 
     def finished(name: str) -> bool:
         rec = ledger.get(name)
-        return bool(rec) and rec.get("input") == identities[name] and rec.get("dupes") == digests[name]
+        return (bool(rec) and rec.get("input") == identities[name] and rec.get("dupes") == digests[name]
+                and all((folder / sub / f"{name}.parquet").is_file() for sub in ("scores", "quarantine")))
 
     todo = [name for name in p["shards"] if not finished(name)]
     if 0 < len(todo) < len(p["shards"]):
         say(f"odsd score: resuming: {len(p['shards']) - len(todo)} of {len(p['shards'])} shards already scored")
-    for name in todo:  # never leave a stale table of an unfinished shard behind
+    for name in todo:  # never leave a stale table of an unfinished shard behind, nor its ledger record
+        ledger.drop(name)
         for sub in ("scores", "quarantine"):
             (folder / sub / f"{name}.parquet").unlink(missing_ok=True)
     for sub in ("scores", "quarantine"):  # nor the temporary file of a write a kill -9 cut short
