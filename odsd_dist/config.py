@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
 from pydantic import Field, ValidationError
@@ -22,6 +22,7 @@ from .raytools import RayConfig
 from .sample.config import SampleConfig
 from .score.config import ScoreConfig
 from .section import Section
+from .tables import atomic_write_bytes
 from .teacher.config import TeacherTrainConfig
 
 
@@ -135,6 +136,4 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config (all defaults filled in) as YAML, atomically."""
-    from .tables import atomic_write_bytes
-
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

@@ -27,6 +27,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from tqdm import tqdm
+
 ENV = "ODSD_VERBOSE"
 NOTE = logging.INFO + 5  # `say`: on the console in quiet mode too
 log = logging.getLogger("odsd_dist")  # the package's module loggers (odsd_dist.*) propagate here
@@ -51,8 +53,6 @@ class _Console(logging.Handler):
     """odsd's own lines on sys.stderr as it is at emit time (pytest's capsys), without breaking a tqdm bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
         try:
             sys.stdout.flush()
             tqdm.write(self.format(record), file=sys.stderr)
@@ -93,8 +93,6 @@ def to_log(msg: str) -> None:
 
 def progress(total=None, desc: str = "", unit: str = "it", **kw):
     """The stage's progress bar on stderr: items, rate, ETA (redrawn in place on a terminal)."""
-    from tqdm import tqdm
-
     tty = sys.stderr.isatty()
     sys.stdout.flush()
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=tty, leave=True,

@@ -11,6 +11,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
+import prometheus_client as pc
+from ray.util import metrics as rm
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -60,8 +63,6 @@ def ray_metric(name: str):
     with _lock:
         m = _ray_cache.get(name)
         if m is None:
-            from ray.util import metrics as rm
-
             # Ray appends nothing to counter names: keep the Prometheus-style _total in the name.
             if d.kind == "counter":
                 m = rm.Counter(name, description=d.help, tag_keys=d.tags)
@@ -79,8 +80,6 @@ def prom_metric(name: str):
     with _lock:
         m = _prom_cache.get(name)
         if m is None:
-            import prometheus_client as pc
-
             if d.kind == "counter":
                 m = pc.Counter(name.removesuffix("_total"), d.help, list(d.tags))
             elif d.kind == "gauge":
@@ -103,7 +102,6 @@ def serve_metrics(port: Optional[int]) -> Optional[int]:
     with _lock:
         if port in _served:
             return _served[port]
-        import prometheus_client as pc
 
         server, _ = pc.start_http_server(port)
         _served[port] = server.server_port

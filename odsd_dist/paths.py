@@ -1,6 +1,7 @@
 """Input paths: globs and folders expanded to sorted, de-duplicated file lists."""
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -9,8 +10,6 @@ from .errors import UserError
 
 def expand_paths(patterns: list[str], key: str, suffix: str = ".tar") -> list[str]:
     """Expand globs/dirs into a sorted list of files; a pattern that matches nothing is a UserError naming `key`."""
-    import glob
-
     out: list[str] = []
     for pat in patterns:
         p = Path(pat)

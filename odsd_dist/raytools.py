@@ -5,8 +5,11 @@ import math
 import os
 from typing import Optional
 
+import ray
+import ray.data
 from pydantic import Field
 
+from . import console
 from .section import Section
 
 
@@ -45,10 +48,6 @@ def init_ray(rc: RayConfig) -> None:
     Ray Data draws no progress bars, and what worker processes print goes to the stage log;
     `odsd --verbose` (ODSD_VERBOSE=1) leaves all of it on the console.
     """
-    import ray
-
-    from . import console
-
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -63,7 +62,6 @@ def init_ray(rc: RayConfig) -> None:
         ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard, **kwargs)
     if forward:
         console.forward_worker_output()
-    import ray.data
 
     console.quiet_libraries()  # importing ray.data set up its logger anew
     ctx = ray.data.DataContext.get_current()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
+import ray
 import torch
 
 from ..console import detail, progress, say, worker_lines
@@ -29,11 +30,14 @@ from ..stage import StageOutput, file_identity
 from ..tables import atomic_write_json, read_meta
 from .config import RUNTIME_KEYS
 from .data import epoch_feed, materialise, resolve_pool_shards
+from .loop import train_loop
 from .methods import Dims, method_class, registry
+from .teacher_cache import build_teacher_cache, cache_folder, data_digest
 
 # config.py imports this package's config (distill/config.py), so the top-level Config is for annotations
-# only here; ray.train, DeepSpeed (loop.py) and the teacher cache stay inside the functions that use them:
-# this package is imported by every config load, and those add seconds to every `odsd` command's start.
+# only here. ray.train stays inside the function that starts the trainer: this package is imported by every
+# config load, and ray.train is 0.7 of its 3.0 s (python -X importtime, 2026-11-30); DeepSpeed is imported
+# only in the workers (loop.py).
 if TYPE_CHECKING:
     from ..config import Config
 
@@ -56,7 +60,7 @@ def check_config(cfg: Config) -> dict:
     except UserError as e:
         raise UserError(f"teacher.weights: {e}") from None
     student = build_model(d.student, int(tmeta["num_classes"]), int(tmeta["in_chans"]))
-    mcls.check(getattr(d.options, d.method), method_dims(tmeta, student.feature_dim, int(tmeta["feature_dim"])),
+    mcls.check(getattr(d.options, d.method), Dims.of(tmeta, student.feature_dim, int(tmeta["feature_dim"])),
                student)
     if d.device == "cuda":
         if not torch.cuda.is_available() and cfg.ray.address is None:
@@ -86,13 +90,6 @@ def check_config(cfg: Config) -> dict:
                             f"the training data, of the local Ray's {cpus} (ray.num_cpus); lower distill.worker_cpus "
                             f"(a reservation, not a limit: each worker still runs distill.threads threads)")
     return {"method": mcls, "teacher_meta": tmeta, "shards": shards, "eval_shards": eval_shards}
-
-
-def method_dims(tmeta: dict, student_dim: int, teacher_dim: int):
-    """The sizes a method builds its modules from (methods/base.Dims), from the teacher's metadata."""
-    c = int(tmeta["in_chans"])
-    return Dims(student_dim, teacher_dim, int(tmeta["num_classes"]), int(tmeta["input_size"]), c,
-                tuple(tmeta.get("mean") or [0.0] * c), tuple(tmeta.get("std") or [1.0] * c))
 
 
 def configured_selection(cfg: Config) -> tuple[Path]:
@@ -153,8 +150,6 @@ def _run(cfg: Config, run_plan: Plan, stage: StageOutput) -> dict:
                        with_labels=plan["method"].needs_labels, reduced=cfg.score.reduced_decode)
     train_dir = folder / "train_data"
     if d.teacher_outputs == "cached":
-        from .teacher_cache import build_teacher_cache, cache_folder, data_digest
-
         c = d.cache
         cache_dir, cache_inputs = cache_folder(
             Path(c.dir) if c.dir else folder / "teacher_cache", data=data_digest(plan["selection"], plan["shard_paths"]),
@@ -204,8 +199,6 @@ def _run(cfg: Config, run_plan: Plan, stage: StageOutput) -> dict:
 
 def _check_resources(d) -> None:
     """Training workers plus one data task must fit the cluster, else the run would wait forever."""
-    import ray
-
     res = ray.cluster_resources()
     need = d.workers * d.worker_cpus + d.data_cpus
     if res.get("CPU", 0) < need:
@@ -217,10 +210,8 @@ def _check_resources(d) -> None:
 
 
 def _fit(cfg: Config, spec: dict, run_fp: str, folder: Path):
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # 0.7 s: above
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .loop import train_loop
 
     d = cfg.distill
     use_gpu = d.device == "cuda"

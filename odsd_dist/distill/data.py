@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -29,11 +31,19 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data.block import BlockAccessor
+from ray.data.extensions import ArrowTensorArray
 
 from ..errors import UserError
+from ..score.source import make_datasource
+from ..shards.decode import Damaged, decode_image
 from ..shards.tario import shard_name
 from ..stage import fingerprint
 from ..tables import atomic_write_json
+from .augment import augment_batch
+from .config import AugmentConfig
 
 DONE = "_done.json"
 ROWS_PER_FILE = 1024
@@ -43,8 +53,6 @@ def _decode_rows(batch, *, lookup: Optional[dict], size: int, channels: int, max
                  k: int, with_labels: bool, reduced: bool = True) -> pa.Table:
     """map_batches UDF over the pool reader's rows (score/source.py: key, shard, ext, data, reason, label):
     keep the selected keys, decode + resize, attach idx/weight/targets/label."""
-    from ..shards.decode import Damaged, decode_image
-
     cols_in = {c: batch[c].tolist() for c in ("key", "shard", "ext", "data", "reason")}
     labels_in = batch["label"].tolist() if "label" in batch else [-1] * len(cols_in["key"])
     out_img, idx, w, ti, tp, lab, okeys = [], [], [], [], [], [], []
@@ -75,7 +83,6 @@ def _decode_rows(batch, *, lookup: Optional[dict], size: int, channels: int, max
             lab.append(int(label) if with_labels else -1)
     n = len(out_img)
     images = np.stack(out_img) if n else np.zeros((0, size, size, channels), np.uint8)
-    from ray.data.extensions import ArrowTensorArray
 
     cols: dict[str, Any] = {
         "idx": pa.array(np.asarray(idx, np.int64)),
@@ -126,8 +133,6 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
                 max_pixels: int, decode_batch_size: int, data_cpus: float, with_labels: bool,
                 reduced: bool = True) -> dict:
     """Build `folder` (train_data/) once; returns its record {rows, k, has_targets, fingerprint}."""
-    import ray
-
     inputs = {"selection": None if selection is None else _identity(selection),
               "shards": [_identity(p) for p in shard_paths], "size": size, "channels": channels, "reduced": reduced}
     fp = fingerprint(inputs)
@@ -139,7 +144,6 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
     if selection is not None:
         lookup, k, _ = _selection_lookup(selection)
         n_expected = len(lookup)
-    from ..score.source import make_datasource
 
     # the pool reader of `odsd score` (content picks the image member, keys checked, a key repeated in a
     # tar does not fail it), with labels for labelled shards
@@ -164,8 +168,6 @@ def materialise(folder: Path, *, selection: Optional[Path], shard_paths: list[st
 
 
 def _decode_batch_task(batch, *, lookup_ref, **kw) -> pa.Table:
-    import ray
-
     lookup = _LOOKUP_CACHE.get(lookup_ref.hex()) if lookup_ref is not None else None
     if lookup is None:
         lookup = ray.get(lookup_ref)
@@ -279,8 +281,6 @@ def _take_rows(units: list, rows: np.ndarray, groups: RowGroups) -> pa.Table:
 
 def _augment_kwargs(spec: dict, units: list) -> dict:
     """What `_read_augment` needs beside an item, the same for both feeds (the augmentation validated once)."""
-    from .config import AugmentConfig
-
     return dict(units=units, views=spec["views"], aug=AugmentConfig.model_validate(spec["augment"]),
                 mean=spec["mean"], std=spec["std"], seed=spec["seed"], chunk=spec["aug_batch_rows"])
 
@@ -288,10 +288,6 @@ def _augment_kwargs(spec: dict, units: list) -> dict:
 def _read_augment(batch: dict, *, units: list, views: int, aug, mean, std, seed: int, chunk: int,
                   groups: Optional[RowGroups] = None):
     """map_batches UDF on one work item: read its row groups, take its rows in order, augment, yield chunks."""
-    from ray.data.block import BlockAccessor
-
-    from .augment import augment_batch
-
     epoch = int(batch["epoch"][0])
     table = _take_rows(units, np.frombuffer(batch["rows"][0], np.int64), groups or RowGroups())
     for c in range(0, table.num_rows, chunk):
@@ -301,8 +297,6 @@ def _read_augment(batch: dict, *, units: list, views: int, aug, mean, std, seed:
 
 def pass_dataset(spec: dict, units: list, start_step: int, rank: int):
     """(dataset, end step) of `rank`'s pass from `start_step`: its rows in training order, augmented."""
-    import ray
-
     items, end = pass_items(spec, [n for *_, n in units], start_step, rank)
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(_read_augment, batch_size=1, batch_format="numpy", num_cpus=spec["data_cpus"],
@@ -337,8 +331,6 @@ class EpochFeedImpl:
 
 
 def _to_torch(chunk: dict) -> dict:
-    import torch
-
     return {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
 
 
@@ -367,9 +359,6 @@ def local_pass(spec: dict, units: list, start_step: int, rank: int, prefetch: in
     """(batches, end step) of `rank`'s pass from `start_step`, made in the training process: the same
     items as `pass_dataset`, read and augmented in order by one background thread that keeps up to
     `prefetch` batches ready. Batches equal those of the Ray Data feed bit for bit."""
-    import queue
-    import threading
-
     items, end = pass_items(spec, [n for *_, n in units], start_step, rank)
     kw = _augment_kwargs(spec, units) | {"groups": RowGroups(keep=_window_groups(spec, units))}
     q: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -408,6 +397,4 @@ def local_pass(spec: dict, units: list, start_step: int, rank: int, prefetch: in
 
 def epoch_feed(spec: dict):
     """The EpochFeed actor (no CPU reserved: it only plans; Ray Data tasks do the work)."""
-    import ray
-
     return ray.remote(num_cpus=0)(EpochFeedImpl).remote(spec)

@@ -6,6 +6,9 @@ its own optimizer steps through a StepContext (step.py) and returns named terms;
 The method's aux modules (and their optimizers) are checkpointed beside the DeepSpeed files. All ranks
 call `ray.train.report` the same number of times (each report carries a DeepSpeed checkpoint saved by
 every rank into its own folder; Ray merges them).
+
+The worker functions import torch, DeepSpeed and the model code themselves, on purpose: DS_ACCELERATOR and
+OMP_NUM_THREADS are set first (`_setup_env`), and DeepSpeed's import (3 s) stays off the driver.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from .data import local_pass, train_index
 from .engine import full_student_state
 
@@ -142,9 +146,8 @@ class Worker:
         import torch
 
         from ..models import build_model, load_model
-        from . import method_dims
         from .engine import DistillModule, build_engine
-        from .methods import build_method
+        from .methods import Dims, build_method
         from .step import StepContext
 
         d, spec = self.dcfg, self.spec
@@ -157,7 +160,7 @@ class Worker:
             teacher = None
         torch.manual_seed(spec["seed"])
         student = build_model(d.student, int(self.tmeta["num_classes"]), int(self.tmeta["in_chans"]))
-        self.method = build_method(d.method, d.options, method_dims(self.tmeta, student.feature_dim, teacher_dim))
+        self.method = build_method(d.method, d.options, Dims.of(self.tmeta, student.feature_dim, teacher_dim))
         self.engine = build_engine(DistillModule(student, self.method, teacher).to(self.device), d, self.world,
                                    self.total)
         self.ctx = StepContext(self.engine, teacher, self.method, seed=spec["seed"], rank=self.rank,

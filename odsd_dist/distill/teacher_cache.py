@@ -13,6 +13,7 @@ files, each written atomically under a name of its own, and a rerun skips the ch
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -22,8 +23,12 @@ from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import torch
+from tqdm import tqdm
 
+from ..models import load_model
+from ..score.scorer import projection_matrix
 from ..stage import fingerprint
 from ..tables import atomic_write_json
 from .augment import normalise, weak_from_params, weak_params
@@ -47,9 +52,6 @@ class TeacherCacher:
 
     def __init__(self, weights: str, *, views: int, topk: int, feature_dim: int, seed: int, pad: int, flip: bool,
                  threads: int, device: str = "cpu"):
-        from ..models import load_model
-        from ..score.scorer import projection_matrix
-
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
@@ -93,8 +95,6 @@ def data_digest(selection: Optional[Path], shard_paths: list[str]) -> str:
     """What the training rows are, by content: the selection's keys, shards, weights and targets (not the
     file's path or time), or the identities of the shards trained on whole. Runs with equal digests (other
     seeds, another row of a benchmark with the same selection) share one cache."""
-    import hashlib
-
     h = hashlib.sha256()
     if selection is not None:
         t = pq.read_table(selection, columns=["key", "shard", "weight", "target_idx", "target_prob"])
@@ -123,8 +123,6 @@ def build_teacher_cache(folder: Path, train_dir: Path, inputs: dict, *, weights:
     the folder by, so a cache's content always matches its name.
 
     One build at a time per folder: runs that share a cache run one after another (the benchmark does)."""
-    import ray
-
     files = sorted(str(p) for p in Path(train_dir).glob("*.parquet"))
     fp = fingerprint(inputs)
     rec = data_done(folder, fp)
@@ -138,7 +136,6 @@ def build_teacher_cache(folder: Path, train_dir: Path, inputs: dict, *, weights:
     t0 = time.perf_counter()
     chunks = [files[i:i + FILES_PER_CHUNK] for i in range(0, len(files), FILES_PER_CHUNK)]
     todo = [c for c in range(len(chunks)) if not (folder / f"_chunk-{c:05d}.done").is_file()]
-    from tqdm import tqdm
 
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), unit="chunk", desc="teacher outputs",
                disable=not progress, file=sys.stderr)

@@ -9,10 +9,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence, TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
-
 import torch
 
 from ..console import progress

@@ -13,10 +13,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError
 from ..stage import sha256_file
+from .registry import build_model
 
 REQUIRED_META = ("arch", "num_classes", "in_chans")
 _LUMA = (0.299, 0.587, 0.114)
@@ -39,8 +42,6 @@ def _decode_meta(raw: Optional[dict[str, str]]) -> dict:
 def _canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes with a sorted JSON header: the library writes metadata in hash order, so the same
     model would get a different sha256 (the teacher identity in every table) on every save."""
-    from safetensors.torch import save
-
     raw = save(tensors, metadata=metadata)
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
@@ -83,8 +84,6 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], meta: dict) -> P
 
 def read_model_meta(path: Union[str, os.PathLike]) -> dict:
     """The decoded metadata of a weights file (header only; no tensors are read)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model weights not found: {path}")
@@ -101,10 +100,6 @@ def read_model_meta(path: Union[str, os.PathLike]) -> dict:
 
 def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the arch named in the metadata and load the tensors strictly; returns (model in eval mode, meta)."""
-    from safetensors.torch import load_file
-
-    from .registry import build_model
-
     path = Path(path)
     meta = read_model_meta(path)
     try:

@@ -5,8 +5,10 @@ import time
 from typing import Callable, Iterator
 
 import pyarrow as pa
+import ray.data
 
 from ..metrics import ray_metric
+from ..raytools import use_parquet_v1
 
 
 def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict, batch_rows: int,
@@ -22,9 +24,6 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
     """
     # Lazy: importing ray.data takes seconds (docs/BENCHMARKS.md, design notes) and this package is
     # loaded with the config; raytools imports the config, which imports this package (a cycle).
-    import ray.data
-
-    from ..raytools import use_parquet_v1
 
     ctx = ray.data.DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order

@@ -12,8 +12,11 @@ from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from ..shards import dupes as D
+from ..shards.keys import key_problem
+from ..shards.tario import iter_samples
 from ..tables import read_meta, write_table
 
 MAX_MAP_TASKS = 256  # map outputs = map tasks x partitions Ray objects: keep that bounded
@@ -21,9 +24,6 @@ MAX_PARTITIONS = 64  # a reducer holds 1/partitions of the pool's keys
 
 
 def _shard_keys(path: str) -> list[tuple[int, str]]:
-    from ..shards.keys import key_problem
-    from ..shards.tario import iter_samples
-
     return [(i, s["__key__"]) for i, s in enumerate(iter_samples(path, errors=[])) if key_problem(s["__key__"]) is None]
 
 
@@ -35,8 +35,6 @@ def _map(first_idx: int, paths: list[str], partitions: int):
 
 def find_duplicates(names: list[str], paths: list[str], cpus: float = 1.0) -> pa.Table:
     """DUPES_SCHEMA rows of the whole pool (`names[i]` is the shard of `paths[i]`, in pool order)."""
-    import ray
-
     group = max(1, math.ceil(len(paths) / MAX_MAP_TASKS))
     starts = list(range(0, len(paths), group))
     partitions = max(1, min(MAX_PARTITIONS, len(starts)))

@@ -5,6 +5,7 @@ again — scored, or with its damage reason — so the driver can tell when a sh
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,6 @@ TRIM_EVERY = 64
 def _malloc_trim():
     """glibc's malloc_trim(0), or a no-op where there is no glibc."""
     try:
-        import ctypes
-
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return lambda _pad: 0

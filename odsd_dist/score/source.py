@@ -12,6 +12,8 @@ import json
 from typing import Iterator, Optional
 
 import pandas as pd
+import ray
+from ray.data.datasource import FileBasedDatasource
 
 from ..shards.decode import pick_image
 from ..shards.keys import bad_key_detail, key_problem, safe_repr
@@ -62,8 +64,6 @@ def entry_rows(samples, shard: str, dupes: Optional[dict] = None, labels: bool =
 def make_datasource(paths: list[str], dupe_refs: dict, labels: bool = False):
     """A FileBasedDatasource over `paths`; `dupe_refs` = {shard: ObjectRef of {ordinal: detail}}; `labels`
     adds each entry's label (the distill feed of labelled shards)."""
-    from ray.data.datasource import FileBasedDatasource
-
     class PoolDatasource(FileBasedDatasource):
         _FILE_EXTENSIONS = ["tar"]
 
@@ -73,8 +73,6 @@ def make_datasource(paths: list[str], dupe_refs: dict, labels: bool = False):
             self.columns = list(COLUMNS) + (["label"] if labels else [])
 
         def _read_stream(self, f, path: str):
-            import ray
-
             shard = shard_name(path)
             ref = self.dupe_refs.get(shard)
             dupes = ray.get(ref) if ref is not None else None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from .decode import DEFAULT_MAX_PIXELS, Damaged, decode_sample
 from .tario import expand_shards, iter_samples
@@ -118,7 +119,6 @@ def load_labelled(paths: Sequence[str] | str, size: int, channels: int = 3, prog
     tars = expand_shards(paths)
     names = read_class_names(tars)
     stats = _init_stats(stats)
-    from tqdm import tqdm
 
     chunks_x, chunks_y = [], []
     json_names: dict[int, str] = {}

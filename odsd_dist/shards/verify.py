@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from . import dupes as D
 from .decode import DEFAULT_MAX_PIXELS, REASONS, Damaged, decode_sample
@@ -106,7 +107,6 @@ def verify_shards(paths: Sequence[str] | str, size: int = VERIFY_SIZE, max_pixel
     Returns {"shards": [per-shard report], "total": {...}}; JSON-serialisable.
     """
     tars = expand_shards(paths)
-    from tqdm import tqdm
 
     reports = []
     for p in tqdm(tars, desc="verify", unit="shard", leave=False, 

@@ -12,17 +12,16 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional, TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..distill.augment import shift_flip
 from ..console import detail, progress, say, verbose
+from ..distill.augment import shift_flip
 from ..errors import UserError
 from ..models import build_model, load_model, normalize, read_model_meta, save_model, weights_sha256
 from ..optim import sgd, warmup_cosine

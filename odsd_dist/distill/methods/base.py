@@ -49,6 +49,13 @@ class Dims:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
+    @classmethod
+    def of(cls, tmeta: dict, student_dim: int, teacher_dim: int) -> "Dims":
+        """The sizes for a teacher with metadata `tmeta` (models/io) and the two feature widths."""
+        c = int(tmeta["in_chans"])
+        return cls(student_dim, teacher_dim, int(tmeta["num_classes"]), int(tmeta["input_size"]), c,
+                   tuple(tmeta.get("mean") or [0.0] * c), tuple(tmeta.get("std") or [1.0] * c))
+
 
 @dataclass
 class Aux:
