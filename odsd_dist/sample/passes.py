@@ -22,9 +22,6 @@ def run_pass(files: list[str], columns: list[str], fn: Callable, fn_kwargs: dict
     every block through the object store; docs/BENCHMARKS.md, design notes), and the task cuts them into
     batch_rows slices for fn itself.
     """
-    # Lazy: importing ray.data takes seconds (docs/BENCHMARKS.md, design notes) and this package is
-    # loaded with the config; raytools imports the config, which imports this package (a cycle).
-
     ctx = ray.data.DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
     saved_v2 = use_parquet_v1(ctx)
