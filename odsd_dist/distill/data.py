@@ -265,9 +265,13 @@ class RowGroups:
         return t
 
 
-def _take_rows(units: list, rows: np.ndarray, groups: RowGroups) -> pa.Table:
+def unit_starts(units: list) -> np.ndarray:
+    """First row position of every row group of train_data's fixed order (and the total at the end)."""
+    return np.concatenate([[0], np.cumsum([n for *_, n in units], dtype=np.int64)])
+
+
+def _take_rows(units: list, starts: np.ndarray, rows: np.ndarray, groups: RowGroups) -> pa.Table:
     """Rows `rows` (positions in train_data's fixed order) as one table, in that order."""
-    starts = np.concatenate([[0], np.cumsum([n for *_, n in units], dtype=np.int64)])
     unit = np.searchsorted(starts, rows, side="right") - 1
     used = np.unique(unit)  # read each row group once, however its rows are spread over the item
     offset = np.zeros(len(units), np.int64)
@@ -281,15 +285,15 @@ def _take_rows(units: list, rows: np.ndarray, groups: RowGroups) -> pa.Table:
 
 def _augment_kwargs(spec: dict, units: list) -> dict:
     """What `_read_augment` needs beside an item, the same for both feeds (the augmentation validated once)."""
-    return dict(units=units, views=spec["views"], aug=AugmentConfig.model_validate(spec["augment"]),
+    return dict(units=units, starts=unit_starts(units), views=spec["views"], aug=AugmentConfig.model_validate(spec["augment"]),
                 mean=spec["mean"], std=spec["std"], seed=spec["seed"], chunk=spec["aug_batch_rows"])
 
 
-def _read_augment(batch: dict, *, units: list, views: int, aug, mean, std, seed: int, chunk: int,
-                  groups: Optional[RowGroups] = None):
+def _read_augment(batch: dict, *, units: list, starts: np.ndarray, views: int, aug, mean, std, seed: int,
+                  chunk: int, groups: Optional[RowGroups] = None):
     """map_batches UDF on one work item: read its row groups, take its rows in order, augment, yield chunks."""
     epoch = int(batch["epoch"][0])
-    table = _take_rows(units, np.frombuffer(batch["rows"][0], np.int64), groups or RowGroups())
+    table = _take_rows(units, starts, np.frombuffer(batch["rows"][0], np.int64), groups or RowGroups())
     for c in range(0, table.num_rows, chunk):
         part = BlockAccessor.for_block(table.slice(c, chunk)).to_batch_format("numpy")
         yield augment_batch(part, views=views, aug=aug, mean=mean, std=std, seed=(seed, epoch))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -96,11 +97,13 @@ def data_digest(selection: Optional[Path], shard_paths: list[str]) -> str:
     file's path or time), or the identities of the shards trained on whole. Runs with equal digests (other
     seeds, another row of a benchmark with the same selection) share one cache."""
     h = hashlib.sha256()
-    if selection is not None:
+    if selection is not None:  # the columns' Arrow IPC bytes: one chunk each, no file metadata (no Python objects)
         t = pq.read_table(selection, columns=["key", "shard", "weight", "target_idx", "target_prob"])
-        for c in t.column_names:
-            h.update(c.encode())
-            h.update(repr(t.column(c).to_pylist()).encode())
+        t = t.combine_chunks().replace_schema_metadata(None)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        h.update(sink.getvalue())
     for p in shard_paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
