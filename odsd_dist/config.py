@@ -21,7 +21,7 @@ from .paths import expand_paths  # noqa: F401  (re-exported for bench/ and tests
 from .raytools import RayConfig
 from .sample.config import SampleConfig
 from .score.config import ScoreConfig
-from .section import Section
+from .section import Section, format_validation_error, parse_override, set_path
 from .tables import atomic_write_bytes
 from .teacher.config import TeacherTrainConfig
 
@@ -62,42 +62,6 @@ class Config(Section):
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise UserError(f"--set {dotted}: '{p}' is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """'a.b=c' -> ('a.b', yaml-typed c)."""
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected section.key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise UserError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {key}: value is not valid YAML ({e.__class__.__name__})") from None
-    return key, value
-
-
-def format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        lines.append(f"config error: {loc or '<root>'}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def load_raw(path: Optional[str | os.PathLike]) -> dict:
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
@@ -119,10 +83,10 @@ def build_config(data: dict, overrides: list[str] = (), values: Optional[dict[st
     `--set` text `overrides` (a user's), validated."""
     data = copy.deepcopy(data)
     for key, value in (values or {}).items():
-        _set_path(data, key, copy.deepcopy(value))
+        set_path(data, key, copy.deepcopy(value))
     for item in overrides or ():
         key, value = parse_override(item)
-        _set_path(data, key, value)
+        set_path(data, key, value)
     try:
         return Config.model_validate(data)
     except ValidationError as e:

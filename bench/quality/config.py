@@ -10,8 +10,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from odsd_dist.config import _set_path, build_config, format_validation_error, load_raw, parse_override
+from odsd_dist.config import build_config, load_raw
 from odsd_dist.errors import UserError
+from odsd_dist.section import format_validation_error, parse_override, set_path
 
 
 class _Section(BaseModel):
@@ -115,7 +116,7 @@ def load_quality_config(path: str, quick: bool = False, overrides: list[str] = (
         raw["mode"] = "quick"
     for item in overrides or ():
         key, value = parse_override(item)
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     try:
         cfg = QualityConfig.model_validate(raw)
     except ValidationError as e:
