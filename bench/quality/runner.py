@@ -277,7 +277,7 @@ def evaluate_test(setup: Setup, cfg: Config, folder: Path, rec: dict) -> dict:
             return old["result"]
     except (FileNotFoundError, json.JSONDecodeError):
         pass
-    ecfg = _cfg(setup.base, teacher__weights=str(setup.teacher), eval__shards=setup.splits["test"],
+    ecfg = _cfg(setup.base, {}, teacher__weights=str(setup.teacher), eval__shards=setup.splits["test"],
                 eval__out=str(setup.out / "test_eval"))
     t0 = time.perf_counter()
     last = run_eval(ecfg, weights=str(weights))
