@@ -13,7 +13,7 @@ from PIL import Image
 def dec(job):
     from odsd_dist.shards.tario import iter_samples
     from odsd_dist.shards.decode import open_image, upright, to_mode
-    from odsd_dist.score.source import pick_image
+    from odsd_dist.shards.decode import pick_image
     path, size, margin = job
     xs, ys = [], []
     cpu = 0.0

@@ -121,7 +121,7 @@ def test_score_crawl_pool(crawl, tmp_path, ray_local):
 
 
 def test_ray_duplicate_pass_equals_local(crawl, ray_local):
-    from odsd_dist.score.dupes import find_duplicates
+    from odsd_dist.pool.dupes import find_duplicates
 
     names = [Path(x).stem for x in crawl["paths"]]
     keys = [[(i, s["__key__"]) for i, s in enumerate(iter_samples(x)) if key_problem(s["__key__"]) is None]

@@ -153,3 +153,12 @@ def test_ctrl_c_then_resume_equals_uninterrupted(big_pool, teacher, tmp_path, ra
     for sub in ("scores", "quarantine"):
         a, b = _read(interrupted, sub), _read(clean, sub)
         assert a.num_rows == b.num_rows and a.equals(b), sub
+
+
+def test_pool_reader_does_not_import_torch():
+    """Ray Data's read and decode workers import only odsd_dist.pool: no torch there (issue 21: each of
+    `odsd score`'s ~10 worker processes paid for a torch import when the reader lived in score/)."""
+    code = ("import sys; import odsd_dist.pool.source, odsd_dist.pool.decode, odsd_dist.pool.dupes; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -37,7 +37,7 @@ from ray.data.block import BlockAccessor
 from ray.data.extensions import ArrowTensorArray
 
 from ..errors import UserError
-from ..score.source import make_datasource
+from ..pool.source import make_datasource
 from ..shards.decode import Damaged, decode_image
 from ..shards.tario import shard_name
 from ..stage import fingerprint
@@ -51,7 +51,7 @@ ROWS_PER_FILE = 1024
 
 def _decode_rows(batch, *, lookup: Optional[dict], size: int, channels: int, max_pixels: int,
                  k: int, with_labels: bool, reduced: bool = True) -> pa.Table:
-    """map_batches UDF over the pool reader's rows (score/source.py: key, shard, ext, data, reason, label):
+    """map_batches UDF over the pool reader's rows (pool/source.py: key, shard, ext, data, reason, label):
     keep the selected keys, decode + resize, attach idx/weight/targets/label."""
     cols_in = {c: batch[c].tolist() for c in ("key", "shard", "ext", "data", "reason")}
     labels_in = batch["label"].tolist() if "label" in batch else [-1] * len(cols_in["key"])

@@ -1,6 +1,6 @@
 """`odsd score`: stream pool shards through teacher-scoring actors on Ray Data (METHODS.md §1.1).
 
-duplicate-key pass (score/dupes.py) -> pool reader (score/source.py: keys checked, image member
+duplicate-key pass (pool/dupes.py) -> pool reader (pool/source.py: keys checked, image member
 picked, bytes only) -> decode/resize in CPU tasks -> teacher actor pool -> per-shard Parquet (scores +
 quarantine) written atomically with a ledger, so reruns skip finished shards.
 """
@@ -25,10 +25,10 @@ from ..runner import Plan, Result, Stage, run_configured, run_stage
 from ..shards.tario import shard_name
 from ..stage import StageOutput, file_identity, fingerprint, sha256_file
 from ..tables import Ledger
-from .decode import decode_rows
-from .dupes import load_or_find, per_shard, shard_digest
+from ..pool.decode import decode_rows
+from ..pool.dupes import load_or_find, per_shard, shard_digest
 from .scorer import TeacherScorer
-from .source import make_datasource
+from ..pool.source import make_datasource
 from .writer import ShardAssembler
 
 if TYPE_CHECKING:  # the top-level Config assembles this stage's section: a runtime import would loop

@@ -8,7 +8,7 @@ quarantined as `bad_key` before and take no part.
 Map (`partition_keys`): one shard's keys -> P tables, by a stable hash of the key. Reduce
 (`reduce_partition`): the tables of one partition, from every shard -> its duplicates. No process holds
 more than one shard's keys (map) or 1/P of the pool's keys (reduce); `odsd score` runs both as Ray
-tasks (score/dupes.py), `odsd shards verify` runs them in-process.
+tasks (pool/dupes.py), `odsd shards verify` runs them in-process.
 """
 from __future__ import annotations
 

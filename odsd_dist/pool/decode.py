@@ -1,4 +1,4 @@
-"""CPU decode step of the scoring pipeline: pool entries (score/source.py rows) -> fixed-size uint8 images.
+"""CPU decode step of the scoring pipeline: pool entries (pool/source.py rows) -> fixed-size uint8 images.
 
 Runs in Ray Data `map_batches` tasks. Damaged entries are not dropped: they keep their key with a
 `reason` so the scorer can count them and the driver can write them to the quarantine table. Entries
