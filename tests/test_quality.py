@@ -6,6 +6,8 @@ plots must hold every row. Every registered row's overrides are checked without 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def tiny_config(root: Path) -> dict:
     pool = make_pool_shards(root / "pool", n_shards=2, per_shard=30, damage=True, size=28, n_classes=3, seed=5)
     return {
         "out": str(root / "out"),
+        "ledger": str(root / "ledger"),
         "data": {"train": [train["folder"]], "test": [test["folder"]], "val_size": 0.25, "split_seed": 0},
         "teacher": {"train": True},
         "seeds": [0],
@@ -152,3 +155,40 @@ def test_quality_bench_tiny_grey(ray_local, tmp_path):
     assert by["kd_random"]["test_at_best_val"]["n"] == 1
     # a rerun does no training: every stage's done.json matches
     assert main(["--config", str(path), "--rows", "kd_random"]) == 0
+    # a later session: the working folders are gone, the ledger (committed) still holds every finished run
+    records = sorted(p.relative_to(cfg["ledger"]) for p in Path(cfg["ledger"]).glob("*/*.json"))
+    assert len(records) == len(ROWS) + 1, records  # every row's seed, plus scratch's other lr trial
+    shutil.rmtree(out / "runs")
+    assert main(["--config", str(path), "--rows", "kd_random,odsd"]) == 0
+    assert not (out / "runs").exists()  # nothing trained again
+    again = {r["name"]: r for r in json.loads((out / "quality.json").read_text())["rows"]}
+    for name in ("kd_random", "odsd"):
+        assert again[name]["test_last"] == by[name]["test_last"], name
+
+
+def test_ledger_key_is_content_not_mtime(tmp_path):
+    """No Ray: the ledger's input digest follows the bytes of the files, not their mtimes or folders."""
+    from quality.ledger import Ledger, content_digest, stable_base
+    from quality.rows import get_row
+
+    a = tmp_path / "a" / "00000.tar"
+    a.parent.mkdir()
+    a.write_bytes(b"x" * 100)
+    b = tmp_path / "b" / "00000.tar"
+    b.parent.mkdir()
+    b.write_bytes(b"x" * 100)
+    os.utime(b, (1, 1))
+    assert content_digest([str(a)]) == content_digest([str(b)])
+    b.write_bytes(b"x" * 99 + b"y")
+    assert content_digest([str(a)]) != content_digest([str(b)])
+    # where a run writes and how often it logs do not change its key; what it trains does
+    base = {"distill": {"steps": 10, "out": "x", "log_every": 5}, "ray": {"num_cpus": 2}}
+    assert stable_base(base) == {"distill": {"steps": 10}}
+    row = get_row("kd_pool")
+    led = Ledger(str(tmp_path / "led"), {"base": stable_base(base)})
+    rec = {"row": row.name, "seed": 0, "val": {"last": 0.5}, "test": {"last": 0.4}}
+    led.put(row, "base", {}, 0, rec)
+    assert led.get(row, "base", {}, 0)["test"] == {"last": 0.4}
+    assert led.get(row, "base", {}, 1) is None
+    other = Ledger(str(tmp_path / "led"), {"base": stable_base({"distill": {"steps": 11}})})
+    assert other.get(row, "base", {}, 0) is None

@@ -79,6 +79,8 @@ class QualityConfig(_Section):
     data: DataConfig
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     score_dir: Optional[str] = None  # an existing, finished score dir of this teacher and pool (read only)
+    # a folder (committed) of every finished run's record, read before training a run (bench/quality/ledger.py)
+    ledger: Optional[str] = None
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     rows: list[Union[str, RowSpec]] = Field(min_length=1)
     tune: TuneConfig = Field(default_factory=TuneConfig)

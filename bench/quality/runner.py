@@ -21,6 +21,7 @@ from odsd_dist.stage import file_identity, fingerprint
 from odsd_dist.tables import atomic_write_json
 
 from .config import QualityConfig, RowSpec
+from .ledger import Ledger, content_digest, git_head, stable_base
 from .rows import Row, as_text, fixed_key_violations, get_row, known_rows
 from .splits import cut_splits
 
@@ -107,6 +108,7 @@ class Setup:
     pool: list[str]
     score_summary: dict
     teacher_summary: Optional[dict] = None
+    ledger: Ledger = field(default_factory=lambda: Ledger(None, {}))
 
 
 def _cfg(base: dict, values: dict, **more) -> Config:
@@ -160,7 +162,27 @@ def prepare(qc: QualityConfig) -> Setup:
 
         score_dir = str(out / "score")
         score_summary = run_score(_cfg(base, {}, score__out=score_dir))
-    return Setup(out, base, splits, teacher, sha, score_dir, pool, score_summary, teacher_summary)
+    return Setup(out, base, splits, teacher, sha, score_dir, pool, score_summary, teacher_summary,
+                 open_ledger(qc, base, sha, pool))
+
+
+def open_ledger(qc: QualityConfig, base: dict, teacher_sha: str, pool: list[str]) -> Ledger:
+    """The config's ledger (none without `ledger:`), keyed by the inputs' content (bench/quality/ledger.py)."""
+    if not qc.ledger:
+        return Ledger(None, {})
+    t0 = time.perf_counter()
+    d = qc.data
+    data = {"val_size": d.val_size, "train_size": d.train_size, "split_seed": d.split_seed,
+            "shard_size": d.shard_size}
+    for name in ("train", "test", "val"):
+        paths = expand_paths(getattr(d, name), f"data.{name}") if getattr(d, name) else []
+        data[name] = content_digest(paths)
+    key = {"mode": qc.mode, "base": stable_base(base), "data": data, "teacher": teacher_sha,
+           "pool": content_digest(pool)}
+    led = Ledger(qc.ledger, key, git_head(Path(__file__).resolve().parents[2]))
+    have = len(list(Path(qc.ledger).glob("*/*.json")))
+    say(f"ledger {qc.ledger}: {have} finished run records; inputs hashed in {time.perf_counter() - t0:.1f} s")
+    return led
 
 
 # ----------------------------------------------------------------------------------------- one run
@@ -180,7 +202,13 @@ def run_one(setup: Setup, row: Row, extra: dict, seed: int, test: bool) -> dict:
     """sample (pool rows) -> distill (per-epoch eval on val) -> eval on test (when `test`)."""
     from odsd_dist.distill import run_distill
 
-    folder = setup.out / "runs" / row.name / f"{run_id(row, extra)}-s{seed}"
+    rid = run_id(row, extra)
+    hit = setup.ledger.get(row, rid, extra, seed)
+    if hit is not None:
+        say(f"[{row.name} seed {seed}] taken from the ledger (finished {hit['ledger']['finished_at']} "
+            f"at commit {hit['ledger']['commit']})")
+        return hit
+    folder = setup.out / "runs" / row.name / f"{rid}-s{seed}"
     common = dict(seed=seed, teacher__weights=str(setup.teacher), score__shards=setup.pool,
                   eval__shards=setup.splits["val"], distill__eval_every_epoch=True,
                   distill__out=str(folder / "distill"),
@@ -219,6 +247,8 @@ def run_one(setup: Setup, row: Row, extra: dict, seed: int, test: bool) -> dict:
                           + ((rec.get("test") or {}).get("seconds") or 0), 1)
     rec["bench_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(folder / "run.json", rec)
+    if test:
+        setup.ledger.put(row, rid, extra, seed, rec)
     return rec
 
 
@@ -300,7 +330,9 @@ def tune_row(setup: Setup, qc: QualityConfig, plan: Plan, seed: int) -> dict:
         return {"chosen": as_text(cands[0]), "values": cands[0], "trials": [], "metric": qc.tune.metric}
     trials = []
     for extra in cands:
-        r = run_one(setup, plan.row, extra, seed, test=False)
+        # test top-1 is recorded (never consulted here), so the chosen trial is the seed's final run as it
+        # stands in the ledger, in a later session too
+        r = run_one(setup, plan.row, extra, seed, test=True)
         v = r["val"]["last"] if qc.tune.metric == "val_last" else r["val"]["best"]
         trials.append({"set": as_text(extra), "values": extra, "val": v, "folder": r["folder"]})
         say(f"[{plan.row.name}] tune {' '.join(as_text(extra))}: val {qc.tune.metric} {100 * (v or 0):.2f}%")
