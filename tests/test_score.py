@@ -81,6 +81,29 @@ def test_score_counts_reasons_and_rerun(pool_shards, teacher, tmp_path, ray_loca
     assert redo["shards_scored_now"] == 1 and redo["rows"] == s["rows"] and table.read_bytes() == before
 
 
+def test_decode_in_actor_writes_the_same_tables(pool_shards, teacher, tmp_path, ray_local):
+    """score.decode=actor (the actor decodes on its own threads) against the default decode tasks: the same
+    rows, damage reasons and details, predictions, and scores to float rounding."""
+    import numpy as np
+
+    from odsd_dist.score import run_score
+
+    base = [f"teacher.weights={teacher}", f"score.shards=[{pool_shards['folder']}]", "score.threads=2"]
+    a = run_score(load_config(None, base + [f"out={tmp_path / 'tasks'}"]))
+    b = run_score(load_config(None, base + [f"out={tmp_path / 'actor'}", "score.decode=actor",
+                                            "score.actor_cpus=1.5", "score.decode_cpus=0.5"]))
+    assert (a["rows"], a["reasons"]) == (b["rows"], b["reasons"]) == (pool_shards["intact"], pool_shards["damaged"])
+    for sub in ("scores", "quarantine"):
+        ta, tb = _read(tmp_path / "tasks", sub), _read(tmp_path / "actor", sub)
+        assert ta.column_names == tb.column_names and ta.num_rows == tb.num_rows
+        for name in ta.column_names:
+            ca, cb = ta.column(name).to_pylist(), tb.column(name).to_pylist()
+            if name in ("maxprob", "entropy", "energy", "topk_logit", "feature"):
+                assert np.allclose(np.asarray(ca, np.float64), np.asarray(cb, np.float64), atol=1e-3), name
+            else:
+                assert ca == cb, name
+
+
 def test_bad_config_exits_2_before_ray(pool_shards, teacher, tmp_path):
     cases = [
         (["score", "--set", f"teacher.weights={teacher}", "--set", f"score.shards=[{tmp_path}/nope]"], "score.shards"),

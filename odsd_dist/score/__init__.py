@@ -189,17 +189,18 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
     ctx.target_max_block_size = int(sc.block_mb * 2**20)
     ds = ray.data.read_datasource(make_datasource(paths, dupe_refs), override_num_blocks=len(paths),
                                   num_cpus=sc.decode_cpus)
-    ds = ds.map_batches(decode_rows, batch_format="pandas", batch_size=sc.decode_batch_size,
-                        fn_kwargs={"size": size, "channels": channels, "max_pixels": sc.max_pixels,
-                                   "reduced": sc.reduced_decode},
-                        num_cpus=sc.decode_cpus)
+    decode = {"size": size, "channels": channels, "max_pixels": sc.max_pixels, "reduced": sc.reduced_decode}
+    if sc.decode == "tasks":
+        ds = ds.map_batches(decode_rows, batch_format="pandas", batch_size=sc.decode_batch_size, fn_kwargs=decode,
+                            num_cpus=sc.decode_cpus)
     ds = ds.map_batches(
         TeacherScorer, batch_format="numpy", batch_size=sc.batch_size, compute=ray.data.ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.actor_cpus, num_gpus=sc.num_gpus or None,
         fn_constructor_kwargs={"weights": os.path.abspath(cfg.teacher.weights), "device": sc.device, "dtype": sc.dtype,
                                "inference": sc.inference,
                                "topk": p["topk"], "feature_dim": sc.feature_dim, "seed": cfg.seed,
-                               "threads": threads_for(sc.threads, sc.actor_cpus), "streams": sc.streams},
+                               "threads": threads_for(sc.threads, sc.actor_cpus), "streams": sc.streams,
+                               "decode": decode if sc.decode == "actor" else None},
     )
     projection = None
     if p["teacher"]["feature_dim"] > sc.feature_dim:

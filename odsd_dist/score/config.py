@@ -23,6 +23,9 @@ class ScoreConfig(Section):
     # 1.2-1.3x the 2-thread forward on the 2-core reference machine (docs/BENCHMARKS.md). GPU: always 1.
     streams: Optional[int] = Field(None, ge=1)
     decode_cpus: float = Field(0.5, gt=0)  # read+decode tasks; differs from actor_cpus so Ray does not fuse them into the actor
+    # where images are decoded: `tasks` (Ray Data map_batches tasks between the reader and the actors) or
+    # `actor` (inside each scoring actor, on its `threads`; the reader's tasks only read). The same tables.
+    decode: Literal["tasks", "actor"] = "tasks"
     block_mb: float = Field(1.0, gt=0)  # Ray Data block size target: small blocks keep decode and scoring pipelined
     num_gpus: float = Field(0.0, ge=0)  # per actor
     device: Literal["cpu", "cuda"] = "cpu"

@@ -1,7 +1,10 @@
 """The teacher-scoring actor: one frozen teacher per actor, batches of decoded images in, score rows out.
 
 Used as a callable class in Ray Data `map_batches` (an actor pool). Every row that comes in goes out
-again — scored, or with its damage reason — so the driver can tell when a shard is complete.
+again — scored, or with its damage reason — so the driver can tell when a shard is complete. With
+`decode` given (`score.decode=actor`) the rows arrive as the pool reader's undecoded entries and the actor
+decodes them itself on its own threads (Pillow releases the GIL while it decodes and resizes), so no decode
+tasks, worker processes or object-store copies of decoded images stand between the reader and the teacher.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 
 from ..metrics import ray_metric
 from ..models import inference_forward, load_model, normalize
+from ..pool.decode import decode_into
 from ..tables import score_schema
 
 OUT_EXTRA = [("reason", pa.string()), ("detail", pa.string())]
@@ -104,7 +108,7 @@ class TeacherScorer:
     """Callable class for `map_batches`: loads the teacher once, scores every batch it is given."""
 
     def __init__(self, weights: str, device: str, dtype: str, topk: int, feature_dim: int, seed: int, threads: int = 0,
-                 inference: str = "jit", streams: Optional[int] = None):
+                 inference: str = "jit", streams: Optional[int] = None, decode: Optional[dict] = None):
         self.device = torch.device(device)
         # CPU: `threads` single-threaded forwards side by side (score/config.ScoreConfig.streams), unless told otherwise
         self.streams = 1 if self.device.type != "cpu" else (streams or threads or 1)
@@ -127,6 +131,27 @@ class TeacherScorer:
         self.m_damaged = ray_metric("odsd_score_images_damaged_total")
         self.m_latency = ray_metric("odsd_score_batch_latency_seconds")
         self.trim, self.calls = _malloc_trim(), 0
+        self.decode = decode  # {size, channels, max_pixels, reduced}: decode entries here (score.decode=actor)
+        self.decode_threads = max(1, threads or 1)
+        self.decoder = (ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+                        if decode and self.decode_threads > 1 else None)
+
+    def _decode(self, batch: dict) -> dict:
+        """The batch with an `image` column decoded from its `data` and `ext`, damage in `reason`/`detail`;
+        the rows are dealt round-robin to the decode threads (large and small images mix in a shard)."""
+        n, d = len(batch["key"]), self.decode
+        images = np.zeros((n, d["size"], d["size"], d["channels"]), dtype=np.uint8)
+        reasons, details = list(batch["reason"]), list(batch["detail"])
+        data, ext = batch["data"], batch["ext"]
+        args = (d["size"], d["channels"], d["max_pixels"], d["reduced"])
+        k = self.decode_threads if self.decoder is not None else 1
+        parts = [range(j, n, k) for j in range(k)]
+        if self.decoder is None:
+            decode_into(images, data, ext, reasons, details, parts[0], *args)
+        else:
+            list(self.decoder.map(lambda rows: decode_into(images, data, ext, reasons, details, rows, *args), parts))
+        return {**batch, "image": images, "reason": np.asarray(reasons, dtype=object),
+                "detail": np.asarray(details, dtype=object)}
 
     def _forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, features) of a batch: in `streams` slices of whole SHAPE_STEP multiples, side by side."""
@@ -149,6 +174,8 @@ class TeacherScorer:
         return z[:m].float().cpu(), f[:m].float().cpu()
 
     def __call__(self, batch: dict) -> pa.Table:
+        if self.decode is not None:
+            batch = self._decode(batch)
         n = len(batch["key"])
         reason = np.asarray(batch["reason"], dtype=object)
         ok = np.flatnonzero(reason == "")
