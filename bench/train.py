@@ -114,8 +114,8 @@ def bench_memory(args, scratch: Path) -> dict:
 
 # --- 2. throughput ------------------------------------------------------------------------------------
 
-def _make_inputs(args, scratch: Path) -> dict:
-    """A teacher (resnet20, randomly initialised: throughput does not depend on its weights) and a
+def _make_inputs(args, scratch: Path, teacher_arch: str = "resnet20") -> dict:
+    """A teacher (`teacher_arch`, randomly initialised: throughput does not depend on its weights) and a
     selection of every intact image of one real pool shard with 3-class low-noise targets."""
     import pyarrow as pa
 
@@ -125,14 +125,14 @@ def _make_inputs(args, scratch: Path) -> dict:
     from odsd_dist.tables import SELECTION_SCHEMA, write_table
 
     scratch.mkdir(parents=True, exist_ok=True)
-    teacher = scratch / "teacher.safetensors"
+    teacher = scratch / ("teacher.safetensors" if teacher_arch == "resnet20" else f"teacher-{teacher_arch}.safetensors")
     if not teacher.exists():
         import torch
 
         torch.manual_seed(0)
         names = [f"class{i}" for i in range(10)]
-        save_model(build_model("resnet20", 10, 3), teacher,
-                   {"arch": "resnet20", "num_classes": 10, "in_chans": 3, "input_size": 32,
+        save_model(build_model(teacher_arch, 10, 3), teacher,
+                   {"arch": teacher_arch, "num_classes": 10, "in_chans": 3, "input_size": 32,
                     "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.243, 0.261], "class_names": names})
     sel = scratch / "selection.parquet"
     if not sel.exists():
@@ -239,11 +239,18 @@ def _distill_sps(cfg, log_every: int) -> tuple[float, dict]:
 
 
 def bench_cache(args, scratch: Path) -> dict:
-    """KD with the teacher online vs cached, in `odsd distill` with each data feed and in the plain loop
-    (one run, side by side)."""
+    """KD with the teacher online vs cached, for each of `--teachers`, in `odsd distill` with each data
+    feed and in the plain loop (one run, side by side)."""
+    out = {}
+    for arch in args.teachers:
+        out[arch] = _bench_cache_one(args, scratch / arch if arch != "resnet20" else scratch, arch)
+    return out
+
+
+def _bench_cache_one(args, scratch: Path, arch: str) -> dict:
     import ray
 
-    inp = _make_inputs(args, scratch)
+    inp = _make_inputs(args, scratch, arch)
     out: dict = {"online": {}, "cached": {}}
     for mode in ("online", "cached"):
         for feed in args.feeds:
@@ -259,7 +266,7 @@ def bench_cache(args, scratch: Path) -> dict:
     sps = {(m, f): out[m][f]["distill_steady_samples_per_s"] for m in ("online", "cached") for f in args.feeds}
     out["ratio_distill"] = {f: sps["cached", f] / sps["online", f] for f in args.feeds}
     out["ratio_plain"] = out["cached"]["plain"]["samples_per_s"] / out["online"]["plain"]["samples_per_s"]
-    print(f"\nTeacher outputs: {args.student} KD from the benchmark teacher, global batch {2 * args.batch}, fp32, CPU")
+    print(f"\nTeacher outputs: {args.student} KD from a {arch} teacher, global batch {2 * args.batch}, fp32, CPU")
     for mode in ("online", "cached"):
         feeds = ", ".join(f"feed {f} {sps[mode, f]:.1f}" for f in args.feeds)
         print(f"  {mode:7s} odsd distill (2 workers, ZeRO-2): {feeds} samples/s; "
@@ -317,6 +324,8 @@ def main() -> None:
     ap.add_argument("--plain-steps", type=int, default=20)
     ap.add_argument("--feeds", nargs="+", default=["local", "ray_data"], choices=["local", "ray_data"],
                     help="distill.feed values measured by --part cache")
+    ap.add_argument("--teachers", nargs="+", default=["resnet20"],
+                    help="teacher archs measured by --part cache (resnet20: the quality benchmark's)")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop")
     ap.add_argument("--mem-batch", type=int, default=2)
