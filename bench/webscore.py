@@ -119,6 +119,7 @@ def odsd_score_cpu(teacher: str, shards: list[str], batch: int, extra: list[str]
     secs = done.get("pipeline_seconds", done["seconds"])
     return {"shards": len(shards), "rows": done["rows"], "quarantined": done["quarantined"], "set": extra,
             "command_seconds": wall, "pipeline_seconds": secs, "images_per_s": n / secs,
+            "steady_images_per_s": done.get("steady_images_per_s"),
             "cpu_s": cpu, "cpu_s_per_image": cpu / n, "peak_rss_mb": rss, "_reasons": reasons}
 
 
@@ -186,6 +187,7 @@ def one_pool(name: str, shards: list[str], teacher: str, batch: int, cores: int,
         sfx = "" if key == "odsd_score" else "_actor"
         res["ratios"].update({
             f"odsd{sfx}_vs_combined_limit_wall": o["images_per_s"] / lim["images_per_s"],
+            f"odsd{sfx}_steady_vs_combined_limit": (o["steady_images_per_s"] or float("nan")) / lim["images_per_s"],
             f"odsd{sfx}_vs_combined_limit_cpu": lim["cpu_s_per_image"] / o["cpu_s_per_image"],
             f"odsd{sfx}_vs_plain_loop_wall": o["images_per_s"] / res["plain_loop"]["images_per_s"]})
         if damage is not None:  # the quarantine against the pool's damage list: same keys, same reasons
@@ -246,6 +248,8 @@ def run_web(args, cores: int) -> dict:
     row("combined CPU limit, full decode", lambda r: f"{r['combined_limit_full']['images_per_s']:,.0f} ({ms(r['combined_limit_full']['cpu_s_per_image'])})")
     row("plain loop, frozen forward", lambda r: f"{r['plain_loop']['images_per_s']:,.0f}")
     row("odsd score, decode tasks", lambda r: f"{r['odsd_score']['images_per_s']:,.0f} ({ms(r['odsd_score']['cpu_s_per_image'])})")
+    row("odsd score, decode tasks, steady", lambda r: f"{r['odsd_score']['steady_images_per_s'] or float('nan'):,.0f}")
+    row("odsd score, decode in the actor, steady", lambda r: f"{r['odsd_score_actor']['steady_images_per_s'] or float('nan'):,.0f}")
     row("odsd score, decode in the actor", lambda r: f"{r['odsd_score_actor']['images_per_s']:,.0f} "
                                                      f"({ms(r['odsd_score_actor']['cpu_s_per_image'])})")
     row("reduced / full decode, per core (>= 3)", lambda r: f"{r['ratios']['reduced_vs_full_decode_per_core']:.2f}")
@@ -256,6 +260,7 @@ def run_web(args, cores: int) -> dict:
     for sfx, what in (("", "tasks"), ("_actor", "actor")):
         row(f"odsd ({what}) / combined limit, wall (>= 0.8)", lambda r: f"{r['ratios'][f'odsd{sfx}_vs_combined_limit_wall']:.2f}")
         row(f"odsd ({what}) / combined limit, CPU-s", lambda r: f"{r['ratios'][f'odsd{sfx}_vs_combined_limit_cpu']:.2f}")
+        row(f"odsd ({what}) steady / combined limit", lambda r: f"{r['ratios'][f'odsd{sfx}_steady_vs_combined_limit']:.2f}")
     t = doc["top1_web_cifar10_test"]
     print(f"\nteacher top-1, web-size CIFAR-10 test ({t['full']['images']:,}): full {100 * t['full']['top1']:.2f} %, "
           f"reduced {100 * t['reduced']['top1']:.2f} % ({t['delta_points']:+.2f} points)")

@@ -93,6 +93,8 @@ def test_decode_in_actor_writes_the_same_tables(pool_shards, teacher, tmp_path, 
     b = run_score(load_config(None, base + [f"out={tmp_path / 'actor'}", "score.decode=actor",
                                             "score.actor_cpus=1.5", "score.decode_cpus=0.5"]))
     assert (a["rows"], a["reasons"]) == (b["rows"], b["reasons"]) == (pool_shards["intact"], pool_shards["damaged"])
+    # the rate from the first shard's finish to the last one's, beside the end-to-end one
+    assert len(pool_shards["paths"]) >= 2 and a["steady_images_per_s"] > 0 and b["steady_images_per_s"] > 0
     for sub in ("scores", "quarantine"):
         ta, tb = _read(tmp_path / "tasks", sub), _read(tmp_path / "actor", sub)
         assert ta.column_names == tb.column_names and ta.num_rows == tb.num_rows

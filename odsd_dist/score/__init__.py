@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import ray
 import ray.data
@@ -132,9 +132,9 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
         for tmp in (folder / sub).glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    scored_rows, pipeline_seconds = 0, 0.0
+    scored_rows, pipeline_seconds, steady = 0, 0.0, None
     if todo:
-        scored_rows, pipeline_seconds = _score_shards(cfg, p, [p["shards"][n] for n in todo], folder, ledger,
+        scored_rows, pipeline_seconds, steady = _score_shards(cfg, p, [p["shards"][n] for n in todo], folder, ledger,
                                                       identities, dupes, digests)
     seconds = time.perf_counter() - t0
     rows = quarantined = 0
@@ -154,6 +154,7 @@ def _run(cfg: Config, plan: Plan, stage: StageOutput) -> dict:
         "seconds": seconds,
         "images_per_s": scored_rows / seconds if seconds > 0 and scored_rows else 0.0,
         "pipeline_seconds": pipeline_seconds,  # without starting Ray
+        "steady_images_per_s": steady,  # first shard's finish to the last one's (steady_rate)
         "duplicate_pass_seconds": t_dupes,  # Ray already up (the runner starts it)
         "teacher_sha256": teacher["sha256"], "feature_dim": p["out_dim"],
         "score_files": [f"scores/{n}.parquet" for n in p["shards"]],
@@ -173,10 +174,10 @@ def _duplicates(cfg: Config, p: dict, folder: Path, identities: dict) -> dict[st
 
 
 def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: Ledger, identities: dict,
-                  dupes: dict, digests: dict) -> tuple[int, float]:
+                  dupes: dict, digests: dict) -> tuple[int, float, Optional[float]]:
     """Run the Ray Data pipeline over `paths` and write each shard as it completes.
 
-    Returns (entries read, seconds from the pipeline's start, i.e. without starting Ray)."""
+    Returns (entries read, seconds from the pipeline's start, i.e. without starting Ray, steady rate)."""
     sc = cfg.score
     meta = p["teacher"]["meta"]
     size, channels = int(meta["input_size"]), int(meta.get("in_chans", 3))
@@ -212,8 +213,10 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
     }
     bar = progress(total=len(paths), desc="odsd score", unit="shard")
     shards_done = prom_metric("odsd_score_shards_done_total")
+    finishes: list[tuple[float, int]] = []  # (time, entries) of each shard as it finishes
 
     def on_done(name: str, info: dict) -> None:
+        finishes.append((time.perf_counter(), info["rows"] + info["quarantined"]))
         bar.update(1)
         bar.set_postfix(rows=info["rows"], damaged=info["quarantined"])
         shards_done.inc()
@@ -227,7 +230,16 @@ def _score_shards(cfg: Config, p: dict, paths: list[str], folder: Path, ledger: 
         asm.close()
     finally:
         bar.close()
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, steady_rate(finishes)
+
+
+def steady_rate(finishes: list[tuple[float, int]]) -> Optional[float]:
+    """Entries per second from the first shard's finish to the last one's: the rate without the pipeline's
+    start (actors loading and tracing the teacher, the first blocks in flight), what a long crawl sees.
+    None with fewer than two shards."""
+    if len(finishes) < 2 or finishes[-1][0] <= finishes[0][0]:
+        return None
+    return sum(e for _, e in finishes[1:]) / (finishes[-1][0] - finishes[0][0])
 
 
 def _reuse(plan: Plan, rec: dict) -> dict:
