@@ -100,6 +100,24 @@ def cmd_report_sampling(args):
 
 SHARDS_BUILD_HELP = "write img2dataset-style shards from an image folder or numpy arrays (--help for options)"
 REPORT_HELP = "self-contained HTML page with PNG plots of a selection (--help for options)"
+SCORE_EPILOG = """Reads every pool shard (score.shards) on Ray Data, decodes each entry at the teacher's input size and
+scores it with the frozen teacher on an actor pool; writes per shard a score table (pred, maxprob, entropy,
+energy, top-k logits, projected features) and a quarantine table (key, reason, detail) of the entries that
+cannot be scored, each shard atomically with a ledger record, so a rerun scores only what is missing.
+
+config keys (score.*, defaults):
+  shards=[tars|folders|globs]  actors=1  actor_cpus=1  threads=(actor_cpus rounded up)  streams=(threads)
+  batch_size=256  decode=tasks|actor  decode_cpus=0.5  decode_batch_size=256  reduced_decode=true
+  max_pixels=50000000  topk=min(C,10)  feature_dim=256  device=cpu|cuda  num_gpus=0  dtype=float32
+  inference=jit|eager  block_mb=1  max_errored_blocks=0  out=<out>/score
+  decode=tasks: Ray Data tasks (decode_cpus each) decode between the reader and the actors;
+  decode=actor: each actor decodes its batches on its own threads and the reader's tasks only read
+  reduced_decode: a JPEG is decoded at the smallest DCT scale still >= 2x the teacher's input
+
+examples:
+  odsd score --config my.yaml --set score.actors=4
+  odsd score --config my.yaml --set score.decode=actor --set score.actor_cpus=1.75 --set score.decode_cpus=0.25
+"""
 SAMPLE_EPILOG = """The selection table holds per image: key, url, weight and the sparse low-noise teacher target.
 
 methods (sample.method; METHODS.md 1.2, 4):
@@ -199,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, stage=name)
         return p
 
-    stage("score", cmd_stage, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables")
+    stage("score", cmd_stage, "score pool shards with the teacher on Ray Data; writes the score and quarantine tables",
+          SCORE_EPILOG)
     p = stage("sample", cmd_stage, "select N pool images from the score table (APS or a baseline); writes selection.parquet",
               SAMPLE_EPILOG)
     p.add_argument("--reshard", metavar="DIR", help="also write the selected images as new training shards "

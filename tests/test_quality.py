@@ -164,6 +164,7 @@ def test_quality_bench_tiny_grey(ray_local, tmp_path):
     again = {r["name"]: r for r in json.loads((out / "quality.json").read_text())["rows"]}
     for name in ("kd_random", "odsd"):
         assert again[name]["test_last"] == by[name]["test_last"], name
+    assert "2 of 2 runs taken from the ledger" in (out / "quality.md").read_text()
 
 
 def test_ledger_key_is_content_not_mtime(tmp_path):
@@ -192,3 +193,18 @@ def test_ledger_key_is_content_not_mtime(tmp_path):
     assert led.get(row, "base", {}, 1) is None
     other = Ledger(str(tmp_path / "led"), {"base": stable_base({"distill": {"steps": 11}})})
     assert other.get(row, "base", {}, 0) is None
+
+
+def test_targets_pair_the_rows_seed_by_seed():
+    """No Ray: ODSD - KD maxprob is reported as the mean difference and, seed by seed, over the seeds both ran."""
+    from quality.report import targets
+
+    def row(name, tops):
+        runs = [{"seed": s, "test": {"last": t}} for s, t in tops.items()]
+        return {"name": name, "runs": runs, "test_last": {"mean": sum(tops.values()) / len(tops)}}
+
+    t = targets([row("odsd", {0: 0.70, 1: 0.68}), row("kd_maxprob", {0: 0.67, 1: 0.67, 2: 0.60})])
+    g = t["odsd_minus_kd_maxprob"]
+    assert g["paired"]["seeds"] == [0, 1] and g["paired"]["values"] == pytest.approx([0.03, 0.01])
+    assert g["paired"]["mean"] == pytest.approx(0.02) and g["value"] == pytest.approx(0.69 - 0.6467, abs=1e-4)
+    assert g["met"]  # the target reads the means, as before
