@@ -34,6 +34,10 @@ from .writer import ShardAssembler
 if TYPE_CHECKING:  # the top-level Config assembles this stage's section: a runtime import would loop
     from ..config import Config
 
+# CPUs per task of the duplicate-key pass. It runs before any scoring, with the node to itself; a task of
+# score.decode_cpus (0.25-0.5) let Ray start a worker process per concurrent task (up to 8 on 2 cores, each
+# importing Ray and the pool reader) that the scoring pipeline then never needed.
+DUPES_CPUS = 1.0
 TABLE_KEYS = ("topk", "feature_dim", "max_pixels", "dtype", "reduced_decode")  # config keys that change table contents
 
 
@@ -168,7 +172,7 @@ def _duplicates(cfg: Config, p: dict, folder: Path, identities: dict) -> dict[st
     computed once per set of inputs by Ray tasks and kept in <score>/duplicates.parquet."""
     names = list(p["shards"])
     table = load_or_find(folder / "duplicates.parquet", names, [p["shards"][n] for n in names], identities,
-                         cfg.score.decode_cpus)
+                         DUPES_CPUS)
     prom_metric("odsd_score_duplicate_keys").set(table.num_rows)
     return per_shard(table)
 
