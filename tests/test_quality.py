@@ -118,7 +118,7 @@ def test_every_registered_row_builds_a_valid_config():
             assert "sample.method" in row.set, name
 
 
-def test_quality_bench_tiny_grey(ray_local, tmp_path):
+def test_quality_bench_tiny_grey(ray_local, tmp_path, capsys):
     from quality.cli import main
 
     cfg = tiny_config(tmp_path)
@@ -165,6 +165,10 @@ def test_quality_bench_tiny_grey(ray_local, tmp_path):
     for name in ("kd_random", "odsd"):
         assert again[name]["test_last"] == by[name]["test_last"], name
     assert "2 of 2 runs taken from the ledger" in (out / "quality.md").read_text()
+    capsys.readouterr()
+    assert main(["--ledger", cfg["ledger"]]) == 0  # what a stopped run has measured, row by row, no training
+    table = capsys.readouterr().out
+    assert f"{len(records)} runs in" in table and table.count("| scratch | 0 | distill.lr=") == 2
 
 
 def test_ledger_key_is_content_not_mtime(tmp_path):

@@ -24,6 +24,8 @@ def parse_args(argv):
     p.add_argument("--rows", help="comma-separated subset of the config's rows")
     p.add_argument("--seeds", help="comma-separated seeds (default: the config's `seeds`)")
     p.add_argument("--list-rows", action="store_true", help="print the registered rows and exit")
+    p.add_argument("--ledger", metavar="FOLDER", help="print the finished runs in a ledger folder (the config's "
+                   "`ledger:`, e.g. bench/results/quality/cifar10) as a table and exit; trains nothing")
     return p.parse_args(argv)
 
 
@@ -38,6 +40,14 @@ def main(argv=None) -> int:
         for n in known_rows():
             r = get_row(n)
             print(f"{n:<22} {r.source:<6} {r.label}: {' '.join(as_text(r.set))}")
+        return 0
+    if args.ledger:
+        from .ledger import markdown_table
+
+        if not Path(args.ledger).is_dir():
+            print(f"error: --ledger: {args.ledger} is not a folder", file=sys.stderr)
+            return 2
+        print(markdown_table(args.ledger))
         return 0
     if not args.config:
         print("error: --config is required", file=sys.stderr)

@@ -90,3 +90,34 @@ class Ledger:
         atomic_write_json(self._path(row.name, run_id, seed),
                           {"key": self.key(row, extra, seed), "commit": self.commit,
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "record": rec})
+
+
+def records(folder: str) -> list[dict]:
+    """Every record in a ledger folder, as stored ({key, commit, finished_at, record}), by row and file name."""
+    out = []
+    for path in sorted(Path(folder).glob("*/*.json")):
+        try:
+            out.append({"file": f"{path.parent.name}/{path.name}", **json.loads(path.read_text())})
+        except json.JSONDecodeError:
+            out.append({"file": f"{path.parent.name}/{path.name}", "record": None})
+    return out
+
+
+def markdown_table(folder: str) -> str:
+    """One line per finished run in the ledger: what a stopped full run has measured so far, before its rows
+    are complete (quality.md lists a row once all its seeds are done)."""
+    lines = [f"{len(records(folder))} runs in {folder}", "",
+             "| row | seed | settings | val top-1 % (last) | test top-1 % (last) | wall s | samples/s | commit | finished |",
+             "|---|---:|---|---:|---:|---:|---:|---|---|"]
+    for doc in sorted(records(folder), key=lambda d: (d["file"].split("/")[0], d.get("finished_at") or "")):
+        r = doc.get("record")
+        if not r:
+            lines.append(f"| {doc['file']} (unreadable) | | | | | | | | |")
+            continue
+        pct = lambda v: "–" if v is None else f"{100 * v:.2f}"
+        extra = [o for o in r.get("overrides") or [] if o.startswith(("distill.lr", "distill.steps"))]
+        lines.append(f"| {r['row']} | {r['seed']} | {' '.join(extra) or '–'} | {pct(r['val']['last'])} | "
+                     f"{pct((r.get('test') or {}).get('last'))} | {r.get('wall_s', '–')} | "
+                     f"{(r.get('distill') or {}).get('samples_per_s') or '–'} | {doc.get('commit') or '–'} | "
+                     f"{doc.get('finished_at') or '–'} |")
+    return "\n".join(lines)
