@@ -145,11 +145,14 @@ class TeacherScorer:
         data, ext = batch["data"], batch["ext"]
         args = (d["size"], d["channels"], d["max_pixels"], d["reduced"])
         k = self.decode_threads if self.decoder is not None else 1
-        parts = [range(j, n, k) for j in range(k)]
+
+        def part(j: int) -> None:
+            decode_into(images, data, ext, reasons, details, range(j, n, k), *args)
+
         if self.decoder is None:
-            decode_into(images, data, ext, reasons, details, parts[0], *args)
+            part(0)
         else:
-            list(self.decoder.map(lambda rows: decode_into(images, data, ext, reasons, details, rows, *args), parts))
+            list(self.decoder.map(part, range(k)))
         return {**batch, "image": images, "reason": np.asarray(reasons, dtype=object),
                 "detail": np.asarray(details, dtype=object)}
 
