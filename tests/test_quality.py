@@ -22,7 +22,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 ALL_ROWS = ["kd_pool", "kd_random", "kd_balanced_random", "kd_maxprob", "kd_strong", "kd3", "mosaickd", "odsd",
-            "odsd_maxprob", "odsd_full_targets",
+            "odsd_maxprob", "odsd_full_targets", "odsd_view_targets",
             "odsd_no_lnkd", "odsd_no_self", "odsd_no_rel", "oracle_kd", "scratch"]
 # Trained end to end below: every kind of row (the whole pool, an N-row selection, ODSD with an ablation, the
 # original split with KD and with labels + a tuning grid). The other registered rows differ only in their

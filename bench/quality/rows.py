@@ -83,6 +83,10 @@ register(Row("odsd_maxprob", "ODSD, APS -> maxprob top-N", "pool", {"sample.meth
 register(Row("odsd_full_targets", "ODSD, full-softmax targets", "pool",
              {"sample.method": "aps", "distill.method": "odsd", "distill.options.odsd.targets": "teacher", "distill.options.odsd.target_topk": 100000}, "ablation",
              "the teacher's whole softmax at tau instead of the sparse low-noise target: what denoising adds"))
+register(Row("odsd_view_targets", "ODSD, low-noise targets from the teacher's view", "pool",
+             {"sample.method": "aps", "distill.method": "odsd", "distill.options.odsd.targets": "teacher"}, "ablation",
+             "the same top-3 low-noise target, made from the teacher's output on each step's weak view instead of "
+             "the one stored with the selection (the un-augmented image): static vs per-view targets"))
 register(Row("odsd_no_lnkd", "ODSD, no L_lnkd", "pool",
              {"sample.method": "aps", "distill.method": "odsd", "distill.options.odsd.use_lnkd": False}, "ablation",
              "the low-noise KD term switched off (only L_self + L_rel reach the student)"))
