@@ -267,27 +267,14 @@ class Worker:
         return model
 
     def evaluate(self, step: int, epoch: int) -> None:
-        """Consolidate (collective), then every rank evaluates its share of the batches of the exact weights
-        that will be saved, and the counts are summed (one all-reduce): no rank waits while one evaluates."""
-        import numpy as np
-        import torch
-        import torch.distributed as dist
-
-        from ..evaluate import accuracy_summary, evaluate_counts
+        """Consolidate (collective), then rank 0 evaluates the exact weights that will be saved."""
+        from ..evaluate import evaluate_model
 
         sd = full_student_state(self.engine)
-        if not self.spec["eval_shards"]:
+        if self.rank != 0 or not self.spec["eval_shards"]:
             return
-        meta = self.spec["student_meta"]
-        correct, seen, skipped = evaluate_counts(self.student(sd).eval(), meta, self.spec["eval_shards"],
-                                                 self.dcfg.eval_batch_size, part=(self.rank, self.world))
-        if self.world > 1 and dist.is_initialized():
-            t = torch.from_numpy(np.concatenate([correct, seen])).to(self.device)
-            dist.all_reduce(t)
-            correct, seen = np.split(t.cpu().numpy(), 2)
-        if self.rank != 0:
-            return
-        res = accuracy_summary(correct, seen, skipped, meta)
+        res = evaluate_model(self.student(sd).eval(), self.spec["student_meta"], self.spec["eval_shards"],
+                             self.dcfg.eval_batch_size)
         state = self.state
         ev = {"epoch": epoch, "step": step, "top1": res["top1"], "n": res["n"], "per_class": res["per_class"]}
         state["evals"].append(ev)

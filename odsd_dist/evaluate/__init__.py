@@ -32,44 +32,27 @@ def evaluate_model(model, meta: dict, shard_paths: Sequence[str], batch_size: in
                    device: str = "cpu", bar=None) -> dict:
     """{"top1", "per_class": {class name: accuracy}, "n", "skipped"} of `model` on labelled shards
     (`bar`: a progress bar advanced by the images of each batch)."""
-    return accuracy_summary(*evaluate_counts(model, meta, shard_paths, batch_size, device, bar), meta)
-
-
-def evaluate_counts(model, meta: dict, shard_paths: Sequence[str], batch_size: int = 256, device: str = "cpu",
-                    bar=None, part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(correct per class, seen per class, skipped entries by reason) of `model` on the batches i with
-    i % world == rank, `part` = (rank, world): ranks that each take a part and sum the counts get the
-    counts of the whole (every rank reads all batches; only its own go through the model)."""
-    rank, world = part
     c = int(meta["num_classes"])
+    names = list(meta.get("class_names") or [str(i) for i in range(c)])
     correct = np.zeros(c, np.int64)
     seen = np.zeros(c, np.int64)
     stats: dict = {}
     model.eval()
     with torch.no_grad():
-        for i, (x, y) in enumerate(iter_labelled_batches(list(shard_paths), size=int(meta["input_size"]),
-                                                         channels=int(meta["in_chans"]), batch_size=batch_size,
-                                                         stats=stats, num_classes=c)):
-            if i % world != rank:
-                continue
+        for x, y in iter_labelled_batches(list(shard_paths), size=int(meta["input_size"]),
+                                          channels=int(meta["in_chans"]), batch_size=batch_size, stats=stats,
+                                          num_classes=c):
             pred = model(normalize(x, meta, device)).argmax(1).cpu().numpy()
             np.add.at(seen, y, 1)
             np.add.at(correct, y, (pred == y).astype(np.int64))
             if bar is not None:
                 bar.update(len(y))
-    return correct, seen, dict(stats.get("skipped", {}))
-
-
-def accuracy_summary(correct: np.ndarray, seen: np.ndarray, skipped: dict, meta: dict) -> dict:
-    """evaluate_model's record from per-class counts."""
-    c = int(meta["num_classes"])
-    names = list(meta.get("class_names") or [str(i) for i in range(c)])
     n = int(seen.sum())
     return {
         "top1": float(correct.sum() / n) if n else 0.0,
         "per_class": {names[i]: (float(correct[i] / seen[i]) if seen[i] else None) for i in range(c)},
         "n": n,
-        "skipped": dict(skipped),
+        "skipped": dict(stats.get("skipped", {})),
     }
 
 
