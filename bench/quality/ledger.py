@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
+from odsd_dist.distill.config import RUNTIME_KEYS
 from odsd_dist.stage import fingerprint, sha256_file
 from odsd_dist.tables import atomic_write_json
 
-# base-config keys that change how a run executes or where it writes, not what it computes
-_VOLATILE = {"distill": ("out", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "feed",
-                         "eval_batch_size", "decode_batch_size", "data_cpus", "worker_cpus", "threads"),
+# base-config keys that change how a run executes or where it writes, not what it computes (distill's are
+# the ones its own stage fingerprint leaves out, plus where and how often it checkpoints)
+_VOLATILE = {"distill": (*RUNTIME_KEYS, "out", "checkpoint_every"),
              "score": ("out", "actors", "batch_size"), "sample": ("out",), "eval": ("out", "batch_size"),
              "ray": None}
 
@@ -46,15 +46,6 @@ def stable_base(base: dict) -> dict:
             continue
         out[sec] = {k: v for k, v in val.items() if k not in drop} if isinstance(val, dict) else val
     return out
-
-
-def git_head(root: Path) -> Optional[str]:
-    try:
-        r = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                           text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() or None
 
 
 class Ledger:
@@ -106,10 +97,11 @@ def records(folder: str) -> list[dict]:
 def markdown_table(folder: str) -> str:
     """One line per finished run in the ledger: what a stopped full run has measured so far, before its rows
     are complete (quality.md lists a row once all its seeds are done)."""
-    lines = [f"{len(records(folder))} runs in {folder}", "",
+    docs = records(folder)
+    lines = [f"{len(docs)} runs in {folder}", "",
              "| row | seed | settings | val top-1 % (last) | test top-1 % (last) | wall s | samples/s | commit | finished |",
              "|---|---:|---|---:|---:|---:|---:|---|---|"]
-    for doc in sorted(records(folder), key=lambda d: (d["file"].split("/")[0], d.get("finished_at") or "")):
+    for doc in sorted(docs, key=lambda d: (d["file"].split("/")[0], d.get("finished_at") or "")):
         r = doc.get("record")
         if not r:
             lines.append(f"| {doc['file']} (unreadable) | | | | | | | | |")

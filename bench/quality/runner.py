@@ -21,7 +21,8 @@ from odsd_dist.stage import file_identity, fingerprint
 from odsd_dist.tables import atomic_write_json
 
 from .config import QualityConfig, RowSpec
-from .ledger import Ledger, content_digest, git_head, stable_base
+from .ledger import Ledger, content_digest, stable_base
+from .report import git_commit
 from .rows import Row, as_text, fixed_key_violations, get_row, known_rows
 from .splits import cut_splits
 
@@ -179,7 +180,7 @@ def open_ledger(qc: QualityConfig, base: dict, teacher_sha: str, pool: list[str]
         data[name] = content_digest(paths)
     key = {"mode": qc.mode, "base": stable_base(base), "data": data, "teacher": teacher_sha,
            "pool": content_digest(pool)}
-    led = Ledger(qc.ledger, key, git_head(Path(__file__).resolve().parents[2]))
+    led = Ledger(qc.ledger, key, (git_commit(Path(__file__).resolve().parents[2])["commit"] or "")[:12] or None)
     have = len(list(Path(qc.ledger).glob("*/*.json")))
     say(f"ledger {qc.ledger}: {have} finished run records; inputs hashed in {time.perf_counter() - t0:.1f} s")
     return led
